@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian 12 machine (as root) for dvs: the apt packages the
+# build, the tests, the demo and the benchmarks use; the pip dependencies; the cffi core.
+# Everything that CI needs is installed here, never by hand.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  # build of the cffi core
+  build-essential pkg-config liburing-dev libssl-dev libsqlite3-dev libfuse3-dev libseccomp-dev
+  # container attach: runtimes and a static busybox for slim rootfs
+  runc crun podman uidmap busybox-static iproute2 procps util-linux kmod
+  # FUSE: fusermount3 and the libfuse baseline examples
+  fuse3
+  # VMs: QEMU (system + storage daemon), guest kit tools
+  qemu-system-x86 qemu-system-common qemu-utils cpio xz-utils zstd squashfs-tools e2fsprogs
+  # measuring and stressing
+  strace linux-perf fio stress-ng dbench fsmark postmark sqlcipher libsqlcipher-dev iperf3
+  # the C fast paths' fuzzing toolchain
+  clang
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import dvs._native' 2>/dev/null || [ "${DVS_REBUILD:-0}" = 1 ] || \
+   [ -n "$(find csrc -newer dvs/_native.abi3.so 2>/dev/null | head -1)" ]; then
+  :
+fi
+echo "setup: installing pip dependencies"
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "setup: building the cffi core"
+"$PY" setup.py -q build_ext --inplace
