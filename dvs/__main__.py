@@ -1,0 +1,5 @@
+import sys
+
+from dvs.cli import main
+
+sys.exit(main())
