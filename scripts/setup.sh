@@ -32,11 +32,11 @@ if ((${#missing[@]})); then
 fi
 
 PY=${PYTHON:-python3}
-if ! "$PY" -c 'import dvs._native' 2>/dev/null || [ "${DVS_REBUILD:-0}" = 1 ] || \
-   [ -n "$(find csrc -newer dvs/_native.abi3.so 2>/dev/null | head -1)" ]; then
-  :
+if ! "$PY" -m pip show -q dvs >/dev/null 2>&1 || [ pyproject.toml -nt .cache/pip-installed ]; then
+  echo "setup: installing pip dependencies"
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+  mkdir -p .cache && touch .cache/pip-installed
 fi
-echo "setup: installing pip dependencies"
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test]'
 echo "setup: building the cffi core"
-"$PY" setup.py -q build_ext --inplace
+"$PY" setup.py -q build_ext --inplace 2>&1 | grep -vE "BetaConfiguration|_BetaConfiguration|warnings.warn" || true
+"$PY" -c 'import dvs._native' || { echo "setup: the cffi core does not import" >&2; exit 1; }
