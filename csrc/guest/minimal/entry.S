@@ -14,11 +14,10 @@
  *    extension beyond that.
  *  - 64-bit interrupt delivery (no IST, same privilege): the CPU aligns RSP to 16 and pushes
  *    SS, RSP, RFLAGS, CS, RIP and, for some exceptions, an error code, on the current stack.
- *  - The return path does NOT use IRETQ: under kvm-pvm all guest kernel-mode code goes through
- *    KVM's instruction emulator, which implements IRET for real mode only. We undo the frame by
- *    hand (copy RIP and RFLAGS under the interrupted RSP, switch to it, POPFQ, RET). That is
- *    exact for same-privilege interrupts without a stack switch; it does not end NMI blocking,
- *    so a second NMI is not delivered (documented limitation).
+ *  - Under kvm-pvm every instruction the guest runs at CPL 0 is emulated by the host kernel.
+ *    Everything used here was seen to work there: far jumps into long mode, LGDT/LIDT, MOV to
+ *    CR0/CR3/CR4, WRMSR, REP STOS, INVLPG, port I/O, HLT, interrupt delivery and IRETQ
+ *    (so NMIs are unblocked again after the handler).
  */
 #include "guest_abi.h"
 
@@ -183,27 +182,7 @@ interrupt_common:
 	popq %rbx
 	popq %rax
 	addq $16, %rsp                  /* vector and error code */
-
-	/*
-	 * Hand-made IRETQ (see the note at the top). Stack now: RIP, CS, RFLAGS, RSP, SS.
-	 * Put RIP and RFLAGS just under the interrupted RSP, keep that target RSP in the CS slot
-	 * (CS is unchanged anyway), switch to it, POPFQ, RET. The copies never overwrite a slot
-	 * that is still to be read: the frame ends at the 16-aligned interrupted RSP or below it.
-	 */
-	pushq %rax
-	pushq %rbx
-	movq 40(%rsp), %rax             /* interrupted RSP */
-	movq 16(%rsp), %rbx             /* RIP */
-	movq %rbx, -8(%rax)
-	movq 32(%rsp), %rbx             /* RFLAGS */
-	movq %rbx, -16(%rax)
-	subq $16, %rax
-	movq %rax, 24(%rsp)             /* CS slot := target RSP */
-	popq %rbx
-	popq %rax
-	movq 8(%rsp), %rsp
-	popfq                           /* restores IF; an interrupt now nests below RIP: fine */
-	ret
+	iretq
 
 /* ---- data ---- */
 	.section .rodata

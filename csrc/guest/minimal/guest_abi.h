@@ -11,8 +11,9 @@
  *    response fields first and `response_seq` last. Each side polls only the other's seq word,
  *    then reads the rest. Seq words are naturally aligned u64s, read and written whole.
  *
- * This header is included by the guest (C and assembly) and mirrored by dvs/testing/kvm_guest.py;
- * a test compares the two. Keep it free of C-only syntax outside `#ifndef __ASSEMBLER__`.
+ * This header is included by the guest's C and assembly and mirrored by dvs/testing/kvm_guest.py;
+ * a test compares the two. entry.S uses only the plain-integer address macros (the ULL suffixes
+ * of the magic values are C-only).
  *
  * Guest-physical memory map (RAM >= 16 MiB):
  *   0x0000_0000 - 0x000F_FFFF  firmware: real-mode IVT, BDA, SeaBIOS, the PVH start info. Unused.
@@ -77,8 +78,11 @@
 #define DVS_CMD_PORT_IN     4  /* arg0 port, arg1 width -> result = value */
 #define DVS_CMD_PORT_OUT    5  /* arg0 port, arg1 value, arg2 width */
 #define DVS_CMD_PIC_SETUP   6  /* arg0 unmask bits (bit n = ISA IRQ n): 8259 pair remapped to
-                                  vectors 0x20-0x2F, EOI by port; LAPIC/IOAPIC left alone */
-#define DVS_CMD_APIC_SETUP  7  /* mask both 8259s, software-enable the LAPIC (spurious 0xFF) */
+                                  vectors 0x20-0x2F, EOI by port; LAPIC enabled with LINT0 =
+                                  ExtINT (so the PIC reaches the vCPU), LINT1 = NMI */
+#define DVS_CMD_APIC_SETUP  7  /* remap + mask both 8259s, LAPIC enabled (spurious 0xFF,
+                                  LINT0 masked, LINT1 = NMI) -> result = LAPIC ID; IOAPIC pins
+                                  stay masked until IOAPIC_ROUTE */
 #define DVS_CMD_IOAPIC_ROUTE 8 /* arg0 pin, arg1 vector (0x30-0xEF), arg2 DVS_ROUTE_* flags:
                                   program+unmask the redirection entry to the boot CPU;
                                   result = the entry's previous low dword */
