@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from dvs.errors import DvsError
 from dvs.testing import container_rootfs
 
 BUNDLE_PREFIX: Final = "dvs-bundle-"
@@ -61,7 +62,7 @@ READONLY_PATHS: Final = (
 )
 
 
-class BundleError(ValueError):
+class BundleError(DvsError, ValueError):
     """A bundle was requested with options no runtime on this host can satisfy."""
 
 

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from dvs.errors import DvsError
 from dvs.testing import container_bundle, container_rootfs
 
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
@@ -70,7 +71,7 @@ COMMAND_TIMEOUT: Final = 30.0
 SETTLE_TIMEOUT: Final = 10.0
 
 
-class CgroupWorkaroundError(RuntimeError):
+class CgroupWorkaroundError(DvsError):
     """The hugetlb workaround could not be checked, applied or undone."""
 
 

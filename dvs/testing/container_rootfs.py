@@ -33,6 +33,7 @@ import subprocess
 from pathlib import Path
 from typing import Final
 
+from dvs.errors import DvsError
 from dvs.testing import cache
 
 HOST_BUSYBOX: Final = Path("/bin/busybox")
@@ -86,7 +87,7 @@ done
 """
 
 
-class RootfsBuildError(RuntimeError):
+class RootfsBuildError(DvsError):
     """The busybox rootfs could not be built (host busybox missing or unusable)."""
 
 

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from dvs.errors import DvsError
 from dvs.testing import cache, container_bundle, container_cgroups, container_rootfs
 from dvs.testing.container_bundle import BundleError, BundleOptions, Mount
 from dvs.testing.container_cgroups import CgroupWorkaroundError
@@ -103,7 +104,7 @@ PODMAN_IMAGE_REPOSITORY: Final = "localhost/dvs-busybox"
 PODMAN_NPROC_LIMIT: Final = 32768
 
 
-class ContainerError(RuntimeError):
+class ContainerError(DvsError):
     """A test container could not be started, used or removed."""
 
 
