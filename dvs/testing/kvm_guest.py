@@ -248,14 +248,14 @@ def _run_tool(argv: list[str], cwd: Path) -> None:
 
 def _build_into(out: Path) -> None:
     include = f"-I{GUEST_SOURCE_DIR}"
-    objects = []
+    objects: list[str] = []
     for source in ("entry.S", "guest.c"):
-        obj = out / (Path(source).stem + ".o")
-        _run_tool(["gcc", *COMPILE_FLAGS, include, "-c", str(GUEST_SOURCE_DIR / source),
-                   "-o", str(obj)], out)  # fmt: skip
-        objects.append(str(obj))
-    _run_tool(["ld", *LINK_FLAGS, "-T", str(GUEST_SOURCE_DIR / "guest.ld"),
-               "-o", str(out / IMAGE_NAME), *objects], out)  # fmt: skip
+        obj = str(out / (Path(source).stem + ".o"))
+        source_path = str(GUEST_SOURCE_DIR / source)
+        _run_tool(["gcc", *COMPILE_FLAGS, include, "-c", source_path, "-o", obj], out)
+        objects.append(obj)
+    linker_script = str(GUEST_SOURCE_DIR / "guest.ld")
+    _run_tool(["ld", *LINK_FLAGS, "-T", linker_script, "-o", str(out / IMAGE_NAME), *objects], out)
     for obj in objects:
         os.unlink(obj)
 
@@ -490,7 +490,7 @@ class MinimalGuest:
         finally:
             os.close(log_fd)
             os.close(null_fd)
-        self.wait_for(re.escape(READY_MARKER), self.boot_timeout, what="boot")
+        self.wait_for(re.escape(READY_MARKER), self.boot_timeout, what="ready marker")
         self.boot_seconds = time.monotonic() - started
         self.ram_host_address = self._find_ram()
         self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
@@ -543,8 +543,9 @@ class MinimalGuest:
         except (FileNotFoundError, MinimalGuestError):
             qemu_log = ""
         state = "running" if self.running() else "exited"
+        pid = self._process.pid if self._process is not None else "-"
         return (
-            f"{headline} (QEMU {state}, accel={self.accel}, firmware={self.firmware})\n"
+            f"{headline} (QEMU pid {pid} {state}, accel={self.accel}, firmware={self.firmware})\n"
             f"--- serial tail ---\n{serial_tail or '(empty)'}\n"
             f"--- QEMU output ---\n{qemu_log[-2000:] or '(empty)'}"
         )
