@@ -219,10 +219,10 @@ def start_holder(mode: str) -> subprocess.Popen[str]:
 def test_workaround_survives_another_process_finishing(host: ProbeReport) -> None:
     need(host, "crun")
     with containers.run_container("crun") as ours:
-        other = start_holder("exit")
-        assert other.stdout is not None
-        other_id = other.stdout.readline().split()[0]
-        assert other.wait(timeout=60) == 0
+        with start_holder("exit") as other:
+            assert other.stdout is not None
+            other_id = other.stdout.readline().split()[0]
+            assert other.wait(timeout=60) == 0
         assert other_id not in listed_ids("crun")
         if crun_needs_workaround():
             assert cgroups.workaround_status().in_use  # still ours
@@ -234,11 +234,11 @@ def test_workaround_survives_another_process_finishing(host: ProbeReport) -> Non
 @pytest.mark.timeout(90)
 def test_leftovers_of_a_killed_process_are_removed(host: ProbeReport) -> None:
     need(host, "crun")
-    holder = start_holder("hang")
-    assert holder.stdout is not None
-    container_id, pid_text, bundle = holder.stdout.readline().split()
-    holder.kill()  # SIGKILL: no cleanup runs in the holder
-    holder.wait(timeout=30)
+    with start_holder("hang") as holder:
+        assert holder.stdout is not None
+        container_id, pid_text, bundle = holder.stdout.readline().split()
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait(timeout=30)
     assert container_id in listed_ids("crun")
     containers.cleanup_leftovers(("crun",))
     assert container_id not in listed_ids("crun")
