@@ -20,7 +20,10 @@ The semantics these fixtures rely on:
   once per rootfs build, tag ``localhost/dvs-busybox:<build>``). The container runs detached
   with ``--runtime runc|crun``, ``--network none`` (own, empty net namespace; podman then leaves
   the image's ``/etc/resolv.conf`` alone) and ``--no-hosts`` (keeps the image's ``/etc/hosts``);
-  podman bind-mounts its own ``/etc/hostname`` holding the hostname. conmon is the init's parent.
+  podman bind-mounts its own ``/etc/hostname`` holding the hostname (no trailing newline).
+  conmon is the init's parent; ``--cgroups no-conmon`` leaves conmon in the caller's cgroups,
+  because a conmon cgroup outlives the container until PID 1 reaps the exited conmon, which
+  would delay undoing the hugetlb workaround by ~2 s.
   ``podman inspect`` gives ``.State.Pid``, the bundle (``.StaticDir``) and the rootfs
   (``.GraphDriver.Data.MergedDir``). With ``--runtime runc`` the container is also in
   ``runc list`` under podman's full container id (podman uses runc's default state root).
@@ -55,7 +58,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from dvs.errors import DvsError
 from dvs.testing import cache, container_bundle, container_cgroups, container_rootfs
@@ -357,7 +360,9 @@ def run_container(
 
     ``args`` default to the idle init (``/usr/bin/dvs-idle ID``). ``readonly`` makes the root
     read-only; ``userns`` maps container ids 0..65535 to host 100000.. (rootfs owned by 100000).
-    ``rlimits`` map ``RLIMIT_*`` names to (soft, hard), default NOFILE 1024.
+    ``rlimits`` map ``RLIMIT_*`` names to (soft, hard), default NOFILE 1024. With a
+    ``state_root`` of your own the container is invisible to plain ``runc list`` and to
+    ``cleanup_leftovers``.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"expected a runtime in {RUNTIMES}, found {runtime!r}")
@@ -624,10 +629,10 @@ def run_any(kind: str, **options: Any) -> Iterator[Container]:
     if kind not in CONTAINER_KINDS:
         raise ValueError(f"expected one of {CONTAINER_KINDS}, found {kind!r}")
     if kind.startswith("podman-"):
-        with run_podman(kind.removeprefix("podman-"), **options) as podman:  # type: ignore[arg-type]
+        with run_podman(cast(Runtime, kind.removeprefix("podman-")), **options) as podman:
             yield podman
     else:
-        with run_container(kind, **options) as container:  # type: ignore[arg-type]
+        with run_container(cast(Runtime, kind), **options) as container:
             yield container
 
 

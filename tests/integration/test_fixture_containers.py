@@ -38,8 +38,9 @@ from dvs.testing.containers import CONTAINER_KINDS, Container, ContainerExecErro
 pytestmark = [pytest.mark.containers, pytest.mark.root]
 
 REPO = Path(__file__).resolve().parents[2]
-BUSYBOX_SHA256 = hashlib.sha256(HOST_BUSYBOX.read_bytes()).hexdigest() if HOST_BUSYBOX.exists() \
-    else ""
+BUSYBOX_SHA256 = (
+    hashlib.sha256(HOST_BUSYBOX.read_bytes()).hexdigest() if HOST_BUSYBOX.exists() else ""
+)
 
 
 def need(host: ProbeReport, kind: str) -> None:
@@ -51,12 +52,17 @@ def need(host: ProbeReport, kind: str) -> None:
 def listed_ids(kind: str) -> set[str]:
     """What the engine lists: container ids (runc/crun) or names and ids (podman)."""
     if kind.startswith("podman"):
-        out = subprocess.run(["podman", "ps", "--all", "--format", "{{.ID}} {{.Names}}",
-                              "--no-trunc"], capture_output=True, text=True, timeout=60,
-                             check=True).stdout
+        out = subprocess.run(
+            ["podman", "ps", "--all", "--format", "{{.ID}} {{.Names}}", "--no-trunc"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
     else:
-        out = subprocess.run([kind, "list", "-q"], capture_output=True, text=True, timeout=60,
-                             check=True).stdout
+        out = subprocess.run(
+            [kind, "list", "-q"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
     return set(out.split())
 
 
@@ -125,9 +131,15 @@ def test_user_namespace_maps_root_to_100000(host: ProbeReport, kind: str) -> Non
     with run_any(kind, userns=True) as container:
         pid = container.pid
         assert Path(f"/proc/{pid}/uid_map").read_text().split() == [
-            "0", str(USERNS_ID_BASE), "65536"]
+            "0",
+            str(USERNS_ID_BASE),
+            "65536",
+        ]
         assert Path(f"/proc/{pid}/gid_map").read_text().split() == [
-            "0", str(USERNS_ID_BASE), "65536"]
+            "0",
+            str(USERNS_ID_BASE),
+            "65536",
+        ]
         status = dict(
             line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         )
@@ -211,8 +223,13 @@ HOLDER = textwrap.dedent("""
 
 
 def start_holder(mode: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", HOLDER, mode], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, mode],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 @pytest.mark.timeout(90)
