@@ -22,6 +22,8 @@ Semantics relied on:
 - Memory map (``csrc/guest/minimal/guest_abi.h``, mirrored below; a test compares the two)::
 
       0x0010_0000  guest image (code, data, page tables, stack), < 1 MiB
+      0x0010_1000  divert entry: set RIP here (KVM_SET_REGS, gdbstub) and the guest prints
+                   ``DVS-GUEST diverted count=N``, counts it and resumes its main loop
       0x0020_0000  status page (guest writes): magic, heartbeat, interrupt counters, fault info
       0x0020_1000  mailbox page (shared): request and response of one command at a time
       0x0030_0000  scratch, 1 MiB the guest never touches by itself
@@ -33,7 +35,7 @@ Semantics relied on:
   main-loop iteration), +0x10 TSC ticks between serial heartbeat lines (host-writable), +0x18
   lines printed, +0x20 hvm_start_info GPA, +0x28 MAXPHYADDR, +0x30 interrupts taken, +0x38 last
   vector, +0x40 fault vector + 1 (0 = alive), +0x48 error code, +0x50 RIP, +0x58 CR2, +0x60 the
-  configured interrupt controller, +0x800 u64[256] interrupts per vector.
+  configured interrupt controller, +0x68 diversions, +0x800 u64[256] interrupts per vector.
 - Mailbox protocol (u64 words): +0x00 magic "DVSMBOX1", +0x08 request_seq, +0x10 command,
   +0x18..+0x30 args 0-3, +0x40 status, +0x48 result, +0x50 response_seq. The host writes command
   and args, then (in a second write) request_seq = previous + 1. The guest's main loop notices
@@ -118,6 +120,7 @@ MAILBOX_GPA = 0x0020_1000
 SCRATCH_GPA = 0x0030_0000
 SCRATCH_SIZE = 0x0010_0000
 WINDOW_VA = 0x0000_0080_0000_0000
+DIVERT_ENTRY = 0x0010_1000
 READY_MARKER = "DVS-MINIMAL-GUEST-READY"
 
 STATUS_MAGIC_VALUE = 0x5355_5441_5453_5644  # "DVSTATUS"
@@ -134,6 +137,7 @@ STATUS_FAULT_ERROR = 0x048
 STATUS_FAULT_RIP = 0x050
 STATUS_FAULT_CR2 = 0x058
 STATUS_IRQ_MODE = 0x060
+STATUS_DIVERSIONS = 0x068
 STATUS_IRQ_COUNTS = 0x800
 
 MAILBOX_MAGIC_VALUE = 0x3158_4F42_4D53_5644  # "DVSMBOX1"

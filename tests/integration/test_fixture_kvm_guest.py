@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -152,9 +154,10 @@ def test_kvm_is_usable_for_the_minimal_guest() -> None:
 
 @pytest.mark.kvm
 @pytest.mark.qemu
-@pytest.mark.timeout(90)
-def test_guest_boots_under_kvm_and_prints_its_marker() -> None:
-    with MinimalGuest(accel="kvm") as guest:
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("firmware", ["qboot", "seabios"])
+def test_guest_boots_under_kvm_and_prints_its_marker(firmware: Literal["qboot", "seabios"]) -> None:
+    with MinimalGuest(accel="kvm", firmware=firmware) as guest:
         assert guest.qmp("query-kvm") == {"enabled": True, "present": True}
         assert READY_MARKER + " long-mode" in guest.serial_output()
         assert guest.qmp("query-status")["status"] == "running"
@@ -168,6 +171,7 @@ def test_guest_boots_under_kvm_and_prints_its_marker() -> None:
 def test_heartbeat_advances_in_memory_and_on_the_serial_port() -> None:
     with MinimalGuest(accel="kvm") as guest:
         assert _advances(guest)
+        guest.write_u64(kvm_guest.STATUS_GPA + kvm_guest.STATUS_REPORT_PERIOD, 1 << 28)  # faster
         first = guest.wait_for(r"DVS-GUEST heartbeat=(\d+)", timeout=20)
         later = guest.wait_for(rf"DVS-GUEST heartbeat=(?!{first.group(1)}\b)(\d+)", timeout=20)
         assert int(later.group(1)) > int(first.group(1))
@@ -311,6 +315,86 @@ def test_a_guest_that_never_boots_fails_clearly_and_is_cleaned_up() -> None:
     pid = int(re.search(r"QEMU pid (\d+)", message).group(1))  # type: ignore[union-attr]
     assert not _alive(pid)
     assert guest.workdir is None and not guest.running()
+
+
+class _GdbRemote:
+    """QEMU's gdbstub over a UNIX socket: ``$data#checksum`` packets, each acknowledged by '+'.
+
+    QEMU stops the VM when a debugger connects, announces that with an unsolicited stop packet
+    (``T02...``), and resumes the VM on ``D`` (detach). ``g`` reads and ``G`` writes the whole
+    register block (little-endian hex, x86-64 order: 16 GPRs, then RIP); QEMU pushes written
+    registers into KVM (KVM_SET_REGS) before the vCPU runs again. (``P``, one register, is
+    refused until the debugger has negotiated target XML.)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(20)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self._sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._buffer = b""
+        stop = self._read_packet()  # the stop announcement, so replies line up with commands
+        assert stop.startswith("T"), stop
+
+    def command(self, data: str) -> str:
+        checksum = sum(data.encode()) & 0xFF
+        self._sock.sendall(f"${data}#{checksum:02x}".encode())
+        return self._read_packet()
+
+    def _read_packet(self) -> str:
+        while True:
+            start = self._buffer.find(b"$")
+            end = self._buffer.find(b"#", start)
+            if start >= 0 and end >= 0 and len(self._buffer) >= end + 3:
+                reply = self._buffer[start + 1 : end].decode()
+                self._buffer = self._buffer[end + 3 :]
+                self._sock.sendall(b"+")
+                return reply
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("gdbstub closed the connection")
+            self._buffer += chunk
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+RIP_SLOT = slice(16 * 8, 17 * 8)  # byte range of RIP in the gdbstub's x86-64 register block
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+@pytest.mark.timeout(90)
+def test_rewriting_rip_to_the_divert_entry_diverts_the_guest(tmp_path: Path) -> None:
+    gdb_socket = tmp_path / "gdb.sock"
+    gdb_arg = f"unix:{gdb_socket},server=on,wait=off"
+    with MinimalGuest(accel="kvm", extra_qemu_args=("-gdb", gdb_arg)) as guest:
+        gdb = _GdbRemote(gdb_socket)
+        try:
+            assert gdb.command("?").startswith("T")  # the VM is stopped now
+            registers = bytearray.fromhex(gdb.command("g"))
+            rip = int.from_bytes(registers[RIP_SLOT], "little")
+            assert kvm_guest.LOAD_GPA <= rip < kvm_guest.STATUS_GPA  # in the guest image
+            registers[RIP_SLOT] = kvm_guest.DIVERT_ENTRY.to_bytes(8, "little")
+            assert gdb.command("G" + registers.hex()) == "OK"
+            assert int.from_bytes(bytes.fromhex(gdb.command("g"))[RIP_SLOT], "little") == (
+                kvm_guest.DIVERT_ENTRY
+            )
+            assert gdb.command("D") == "OK"  # detach: the VM runs again
+        finally:
+            gdb.close()
+        guest.wait_for(r"DVS-GUEST diverted count=1\b", timeout=20)
+        assert guest.status(kvm_guest.STATUS_DIVERSIONS) == 1
+        assert guest.mailbox(Command.PING) > 0  # the main loop serves the mailbox again
+        assert _advances(guest)
+        assert guest.fault() is None
 
 
 # ---- TCG, for comparison -----------------------------------------------------------------------

@@ -122,14 +122,33 @@ entry64:
 	jmp 4b
 
 /*
- * One stub per vector. Vectors 8, 10-14, 17, 21, 29 and 30 come with a CPU-pushed error code;
- * the others push a 0 so every frame has the same shape (struct interrupt_frame in guest.c).
+ * Where a host that rewrites the vCPU's RIP should send it (DVS_GUEST_DIVERT_ENTRY, placed by
+ * guest.ld). Only RIP is trusted: RSP may point anywhere, so take the boot stack afresh (the
+ * main loop never returns, nothing on the old stack is needed) and clear DF for C.
  */
+	.section .text.divert, "ax"
+	.globl dvs_guest_divert_entry
+dvs_guest_divert_entry:
+	cld
+	movq $boot_stack_top, %rsp
+	call dvs_guest_diverted
+5:	cli
+	hlt
+	jmp 5b
+
+	.text
+/*
+ * One stub per vector. Vectors 8, 10-14, 17, 21, 29 and 30 come with a CPU-pushed error code
+ * (bit n of ERROR_CODE_VECTORS); the others push a 0 so every frame has the same shape
+ * (struct interrupt_frame in guest.c).
+ */
+#define ERROR_CODE_VECTORS 0x60227D00
 	.macro interrupt_stub vector
 	.balign 16
 interrupt_stub_\vector:
-	.if (\vector == 8) || ((\vector >= 10) && (\vector <= 14)) || (\vector == 17) || (\vector == 21) || (\vector == 29) || (\vector == 30)
-	.else
+	.if \vector >= 32
+	pushq $0
+	.elseif ((ERROR_CODE_VECTORS >> \vector) & 1) == 0
 	pushq $0
 	.endif
 	pushq $\vector

@@ -112,6 +112,7 @@ extern const u64 dvs_guest_interrupt_stubs[256];
 extern volatile u64 dvs_guest_window_pd[512];
 
 void dvs_guest_main(u32 start_info_gpa) __attribute__((noreturn));
+void dvs_guest_diverted(void) __attribute__((noreturn));
 void dvs_guest_interrupt(struct interrupt_frame *frame);
 
 static struct idt_gate idt[256] __attribute__((aligned(16)));
@@ -143,9 +144,20 @@ void *memset(void *destination, int value, unsigned long length)
 
 /* ---- port I/O and CPU helpers ---- */
 
-static inline void outb(u16 port, u8 value) { __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port)); }
-static inline void outw(u16 port, u16 value) { __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port)); }
-static inline void outl(u16 port, u32 value) { __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port)); }
+static inline void outb(u16 port, u8 value)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline void outw(u16 port, u16 value)
+{
+    __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline void outl(u16 port, u32 value)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port));
+}
 
 static inline u8 inb(u16 port)
 {
@@ -554,6 +566,23 @@ static void report_heartbeat(void)
     put_string("\n");
 }
 
+/* Count, serve the mailbox, report now and then; forever. */
+static void __attribute__((noreturn)) main_loop(void)
+{
+    u64 last_report = rdtsc();
+    for (;;) {
+        *status_word(DVS_STATUS_HEARTBEAT) += 1;
+        u64 sequence = *mailbox_word(DVS_MAILBOX_REQUEST_SEQ);
+        if (sequence != *mailbox_word(DVS_MAILBOX_RESPONSE_SEQ))
+            serve_mailbox(sequence);
+        u64 now = rdtsc();
+        if (now - last_report >= *status_word(DVS_STATUS_REPORT_PERIOD)) {
+            last_report = now;
+            report_heartbeat();
+        }
+    }
+}
+
 void dvs_guest_main(u32 start_info_gpa)
 {
     memset((void *)DVS_GUEST_STATUS_GPA, 0, 4096);
@@ -583,17 +612,16 @@ void dvs_guest_main(u32 start_info_gpa)
     put_string(" maxphyaddr=");
     put_decimal(max_physical_address_bits);
     put_string("\n");
+    main_loop();
+}
 
-    u64 last_report = rdtsc();
-    for (;;) {
-        *status_word(DVS_STATUS_HEARTBEAT) += 1;
-        u64 sequence = *mailbox_word(DVS_MAILBOX_REQUEST_SEQ);
-        if (sequence != *mailbox_word(DVS_MAILBOX_RESPONSE_SEQ))
-            serve_mailbox(sequence);
-        u64 now = rdtsc();
-        if (now - last_report >= *status_word(DVS_STATUS_REPORT_PERIOD)) {
-            last_report = now;
-            report_heartbeat();
-        }
-    }
+/* Reached through DVS_GUEST_DIVERT_ENTRY when the host rewrote RIP; the loop goes on. */
+void dvs_guest_diverted(void)
+{
+    u64 diversions = *status_word(DVS_STATUS_DIVERSIONS) + 1;
+    *status_word(DVS_STATUS_DIVERSIONS) = diversions;
+    put_string("DVS-GUEST diverted count=");
+    put_decimal(diversions);
+    put_string("\n");
+    main_loop();
 }
