@@ -11,6 +11,10 @@ Machine: ``-nodefaults`` (no NIC, VGA, floppy drive, parallel port or default mo
 the i440fx ``pc`` chipset devices) plus exactly what we add: the serial port, a QMP socket and
 the caller's ``qemu_args``. ``-no-reboot`` and ``panic=-1`` make a guest panic end QEMU, which
 the fixture reports instead of hanging. KASLR is on unless ``kaslr=False`` (``nokaslr``).
+The CPU model defaults to TCG's ``qemu64`` (vendor AuthenticAMD, no PCID/SMEP/SMAP, so no page
+table isolation, and 4-level paging with 48-bit virtual addresses). ``cpu_model="max"`` offers
+LA57, and the Debian kernel then runs with 5-level paging (CR4.LA57 set, 57-bit virtual
+addresses) -- pick it on purpose when testing page-table walkers against a live guest.
 
 Serial console protocol. The fixture listens on a unix socket of its own and QEMU connects to
 it as a client (``-chardev socket,server=off``) at start-up, before the guest runs, so no
@@ -31,7 +35,9 @@ so ``cd`` or variables do not carry over; the guest kills a command at its timeo
 QMP goes over a second unix socket (``-qmp unix:...,server=on``), see ``guest_qmp``.
 ``close()`` (and leaving the ``with`` block, also by an exception) kills QEMU, waits for it,
 and removes its sockets and temporary files; an ``atexit`` hook does the same for guests a
-crashed caller forgot.
+caller forgot. If the caller dies without either (``os._exit``, as pytest-timeout does, or
+SIGKILL), QEMU gets SIGKILL from the kernel (``PR_SET_PDEATHSIG``) -- only its temporary
+directory in ``$TMPDIR`` is left behind.
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ import math
 import os
 import re
 import secrets
+import select
 import shutil
+import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -54,6 +61,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from dvs.errors import DvsError
+from dvs.lowlevel import sys as lowlevel_sys
 from dvs.testing.guest_kit import GuestKit, GuestKitError, guest_kit
 from dvs.testing.guest_qmp import QmpClient, QmpError
 
@@ -98,6 +106,47 @@ class GuestExited(GuestError):
 
 class GuestCommandTimeout(GuestError):
     """A command did not finish within its timeout (the guest killed it)."""
+
+
+class _QemuProcess:
+    """The QEMU child, held by a pidfd, that dies with the thread that started it.
+
+    ``PR_SET_PDEATHSIG=SIGKILL`` (set by the cffi spawn helper between fork and exec, where
+    Python must not run) kills QEMU when its parent dies without cleaning up -- pytest-timeout
+    ends a hung run with ``os._exit``, which skips ``finally`` blocks and ``atexit``. The
+    signal follows the *thread* that spawned the child: start guests from a thread that
+    outlives them (the main thread in tests). The pidfd rules out signalling a recycled pid.
+    """
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
+            try:
+                self._spawned = lowlevel_sys.spawn(
+                    argv,
+                    stdio=(devnull.fileno(), log.fileno(), log.fileno()),
+                    pdeath_signal=signal.SIGKILL,
+                )
+            except OSError as exc:
+                raise GuestBootError(f"cannot start {argv[0]}: {exc}") from exc
+        self.pid = self._spawned.pid
+        self._status: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit status (``-signal`` if killed by one), or ``None`` while it runs."""
+        if self._status is None and self._spawned.pidfd >= 0:
+            info = os.waitid(os.P_PIDFD, self._spawned.pidfd, os.WEXITED | os.WNOHANG)
+            if info is not None:
+                self._status = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        return self._status
+
+    def kill_and_reap(self, timeout: float = 30.0) -> None:
+        if self.poll() is None:
+            self._spawned.kill(signal.SIGKILL)
+            ready, _, _ = select.select([self._spawned.pidfd], [], [], timeout)
+            if not ready:
+                raise GuestError(f"QEMU pid {self.pid} survived SIGKILL for {timeout:.0f} s")
+            self.poll()
+        self._spawned.close()
 
 
 class _SerialConsole:
@@ -263,7 +312,7 @@ class LinuxGuest:
         self.run_dir: Path | None = None
         self.boot_seconds: float | None = None
         """Seconds from QEMU start to the ready marker (set by ``start()``)."""
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: _QemuProcess | None = None
         self._console: _SerialConsole | None = None
         self._qmp: QmpClient | None = None
         self._command_lock = threading.Lock()
@@ -359,16 +408,12 @@ class LinuxGuest:
         self._console = _SerialConsole(self.serial_socket_path, self.serial_log_path)
         started = time.monotonic()
         deadline = started + self.boot_timeout
-        with open(self.qemu_log_path, "wb") as qemu_log:
-            self._process = subprocess.Popen(
-                self.qemu_argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=qemu_log,
-                stderr=subprocess.STDOUT,
-                # Keep QEMU out of the terminal's process group: a ^C on the test run must
-                # reach the test (whose cleanup kills QEMU), not QEMU first.
-                start_new_session=True,
-            )
+        qemu_path = shutil.which(self.qemu_binary)
+        if qemu_path is None:
+            raise GuestBootError(f"{self.qemu_binary} not found (apt package qemu-system-x86)")
+        argv = self.qemu_argv()
+        argv[0] = qemu_path
+        self._process = _QemuProcess(argv, self.qemu_log_path)
         try:
             self._console.accept(deadline, self.is_running)
         except GuestBootError as exc:
@@ -404,14 +449,8 @@ class LinuxGuest:
                     _live_guests.discard(self)
 
     def _kill_qemu(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.kill()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired as exc:
-            raise GuestError(f"QEMU pid {process.pid} survived SIGKILL for 30 s") from exc
+        if self._process is not None:
+            self._process.kill_and_reap()
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,7 +136,7 @@ def test_exit_status_and_output_are_exact(guest: LinuxGuest) -> None:
     assert guest.run("printf 'a\\nb'") == (0, "a\nb")
     assert guest.run("echo out; echo err >&2; exit 7") == (7, "out\nerr\n")
     # Quotes, dollars and newlines in the command survive the transport.
-    assert guest.run("x='$HOME \"q\"'\necho \"$x\"") == (0, '$HOME "q"\n')
+    assert guest.run('x=\'$HOME "q"\'\necho "$x"') == (0, '$HOME "q"\n')
     # A command cannot swallow the next request from the console.
     assert guest.run("cat") == (0, "")
     long_line = "y" * 20000
@@ -204,3 +208,43 @@ def test_boot_timeout_reports_the_serial_log(kit: GuestKit) -> None:
     assert "serial console lines" in str(failure.value)
     assert_cleaned_up(guest, guest.pid)
     assert not os.path.exists(guest.serial_socket_path)
+
+
+ABANDONING_PARENT = """
+import os, threading, time
+from dvs.testing.guest import GuestError, LinuxGuest
+
+guest = LinuxGuest(boot_timeout=600)
+
+def vanish_once_qemu_runs() -> None:
+    while True:
+        try:
+            pid = guest.pid
+            break
+        except GuestError:
+            time.sleep(0.05)
+    print(pid, guest.run_dir, flush=True)
+    os._exit(0)  # what pytest-timeout does: no finally blocks, no atexit hooks
+
+threading.Thread(target=vanish_once_qemu_runs, daemon=True).start()
+guest.start()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_qemu_dies_with_a_parent_that_skips_cleanup(kit: GuestKit) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", ABANDONING_PARENT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    pid_text, run_dir = child.stdout.split()
+    try:
+        deadline = time.monotonic() + 30
+        while not qemu_is_gone(int(pid_text)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert qemu_is_gone(int(pid_text))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
