@@ -11,10 +11,11 @@ Machine: ``-nodefaults`` (no NIC, VGA, floppy drive, parallel port or default mo
 the i440fx ``pc`` chipset devices) plus exactly what we add: the serial port, a QMP socket and
 the caller's ``qemu_args``. ``-no-reboot`` and ``panic=-1`` make a guest panic end QEMU, which
 the fixture reports instead of hanging. KASLR is on unless ``kaslr=False`` (``nokaslr``).
-The CPU model defaults to TCG's ``qemu64`` (vendor AuthenticAMD, no PCID/SMEP/SMAP, so no page
-table isolation, and 4-level paging with 48-bit virtual addresses). ``cpu_model="max"`` offers
-LA57, and the Debian kernel then runs with 5-level paging (CR4.LA57 set, 57-bit virtual
-addresses) -- pick it on purpose when testing page-table walkers against a live guest.
+The CPU model defaults to TCG's ``qemu64``: vendor AuthenticAMD (so the kernel skips page
+table isolation unless ``kernel_args=["pti=on"]``), no PCID/SMEP/SMAP, 4-level paging with
+48-bit virtual addresses. ``cpu_model="max"`` offers LA57, and the Debian kernel then runs
+with 5-level paging (CR4.LA57 set, 57-bit virtual addresses) -- pick it on purpose when
+testing page-table walkers against a live guest.
 
 Serial console protocol. The fixture listens on a unix socket of its own and QEMU connects to
 it as a client (``-chardev socket,server=off``) at start-up, before the guest runs, so no
@@ -78,8 +79,9 @@ __all__ = [
 ]
 
 DEFAULT_BOOT_TIMEOUT = 180.0
-"""Seconds from QEMU start to the ready marker. A boot takes 3-7 s under TCG on an idle
-machine; CI runs on 2 vCPUs next to other tests, so leave a wide margin."""
+"""Seconds from QEMU start to the ready marker. Measured here: 8-13 s from QEMU start to the
+marker (the kernel itself is at init after ~3.5 s; loading the modules and QEMU's own start-up
+take the rest). CI runs on 2 vCPUs next to other tests, so leave a wide margin."""
 
 _COMMAND_GRACE = 30.0
 """Extra seconds the host waits after a command's guest-side timeout for the agent to report."""
@@ -286,8 +288,8 @@ class LinuxGuest:
     ) -> None:
         """Describe a guest; nothing starts before ``start()`` or ``with``.
 
-        ``memfd_ram`` backs RAM with ``memory-backend-memfd,share=on`` (one NUMA node), as
-        vhost-user devices need. ``kernel_args`` are appended to the kernel command line and
+        ``memfd_ram`` backs RAM with ``memory-backend-memfd,id=mem,share=on`` (one NUMA node),
+        as vhost-user devices need. ``kernel_args`` are appended to the kernel command line and
         ``qemu_args`` to QEMU's. ``serial_log_path`` keeps the console log after ``close()``;
         by default it lives in the guest's temporary directory and is removed with it (the
         text stays readable through ``serial_log``).
@@ -316,6 +318,7 @@ class LinuxGuest:
         self._console: _SerialConsole | None = None
         self._qmp: QmpClient | None = None
         self._command_lock = threading.Lock()
+        self._qmp_lock = threading.Lock()
         self._closed = False
         self._final_log: bytes = b""
 
@@ -551,11 +554,13 @@ class LinuxGuest:
         """
         args: dict[str, Any] = dict(arguments or {})
         args.update({key.replace("_", "-"): value for key, value in kwargs.items()})
-        return self._qmp_client().execute(command, args)
+        with self._qmp_lock:
+            return self._qmp_client().execute(command, args)
 
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``info registers``) through QMP."""
-        return self._qmp_client().hmp(command_line)
+        with self._qmp_lock:
+            return self._qmp_client().hmp(command_line)
 
     def _qmp_client(self) -> QmpClient:
         if self._closed or self._process is None:

@@ -202,7 +202,9 @@ def test_a_failing_body_still_cleans_up(kit: GuestKit) -> None:
 @pytest.mark.timeout(120)
 def test_boot_timeout_reports_the_serial_log(kit: GuestKit) -> None:
     guest = LinuxGuest(kit, boot_timeout=1.0)
-    with pytest.raises(GuestBootError, match="did not become ready within 1 s") as failure:
+    # On a loaded machine QEMU may not even have connected its serial port within 1 s.
+    expected = "did not (become ready within 1 s|connect to the serial socket)"
+    with pytest.raises(GuestBootError, match=expected) as failure:
         with guest:
             pass
     assert "serial console lines" in str(failure.value)
