@@ -13,8 +13,8 @@ Semantics relied on:
   firmware is QEMU's qboot (``-bios qboot.rom``): under kvm-pvm, where guest kernel-mode code is
   emulated instruction by instruction, SeaBIOS alone takes about 5 s, qboot well under 1 s.
 - Guest RAM: QEMU's ``pc`` machine backs RAM with one anonymous private mapping of exactly the
-  RAM size (plus a guard page after it) in the QEMU process, and below the PCI hole (we allow at
-  most 2 GiB) guest-physical address == offset into it. We pick that mapping from
+  RAM size in the QEMU process (the only mapping of that size, seen here), and below the PCI
+  hole (we allow at most 2 GiB) guest-physical address == offset into it. We pick that mapping from
   ``/proc/PID/maps`` and confirm it by the status-page magic. Host reads and writes go through
   ``/proc/PID/mem`` (pread/pwrite at the host virtual address): the same pages the vCPU uses, so
   the guest sees writes at once. This deliberately does not use dvs's own process_vm shims: the
