@@ -141,6 +141,12 @@ class _QemuProcess:
                 self._status = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         return self._status
 
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the exit; return ``poll()``."""
+        if self.poll() is None and self._spawned.pidfd >= 0:
+            select.select([self._spawned.pidfd], [], [], timeout)
+        return self.poll()
+
     def kill_and_reap(self, timeout: float = 30.0) -> None:
         if self.poll() is None:
             self._spawned.kill(signal.SIGKILL)
@@ -214,6 +220,12 @@ class _SerialConsole:
             self._connection.sendall(data)
         except OSError as exc:
             raise GuestExited(f"cannot write to the serial console: {exc}") from exc
+
+    @property
+    def closed_by_qemu(self) -> bool:
+        """QEMU closed the console: it is exiting (it closes sockets before it is reaped)."""
+        with self._changed:
+            return self._eof
 
     @property
     def size(self) -> int:
@@ -480,6 +492,8 @@ class LinuxGuest:
         parts = [f"--- last {_SERIAL_TAIL_LINES} serial console lines ---", tail or "(none)"]
         if qemu_output:
             parts += ["--- QEMU output ---", qemu_output]
+        if self.run_dir is not None:
+            parts += ["--- QEMU command line ---", " ".join(self.qemu_argv())]
         return "\n".join(parts)
 
     # --- commands ----------------------------------------------------------------------------
@@ -510,14 +524,15 @@ class LinuxGuest:
             end = console.wait_for(end_marker, start, deadline, self.is_running)
             elapsed = time.monotonic() - sent
         if end is None:
-            if not self.is_running():
+            if console.closed_by_qemu or not self.is_running():
+                status = self._process.wait(timeout=10) if self._process is not None else None
                 raise GuestExited(
-                    f"QEMU exited (status {self._process_status()}) while running "
-                    f"{command!r}\n{self._diagnostics()}"
+                    f"QEMU exited (status {status}) while running {command!r}\n"
+                    f"{self._diagnostics()}"
                 )
             raise GuestCommandTimeout(
-                f"no answer to {command!r} within {limit + _COMMAND_GRACE:.0f} s; the serial "
-                f"console is not responding\n{self._diagnostics()}"
+                f"no answer to {command!r} after {elapsed:.0f} s (timeout {limit} s); the "
+                f"serial console is not responding\n{self._diagnostics()}"
             )
         if end.group("status") is None:
             raise GuestError(f"the guest agent could not decode the request for {command!r}")
@@ -540,9 +555,6 @@ class LinuxGuest:
         if status != 0:
             raise GuestError(f"{command!r} exited with status {status}; output:\n{output}")
         return output
-
-    def _process_status(self) -> int | None:
-        return self._process.poll() if self._process is not None else None
 
     # --- QMP -----------------------------------------------------------------------------------
 
