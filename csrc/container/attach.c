@@ -358,13 +358,31 @@ out:
 	return tmp;
 }
 
-/*
- * Resolve `rel` below `root` (RESOLVE_IN_ROOT) to an O_PATH fd of a directory (want_dir)
- * or non-directory; if it is missing, splice its nearest existing ancestor and create it
- * in the tmpfs. Returns the fd or -errno (-ENOTDIR / -EISDIR on a type mismatch).
- */
-static int ensure_mountpoint(int root, const char *rel, int want_dir)
+/* devices of the tmpfs instances spliced in so far: ours to write into directly */
+static dev_t g_spliced[64];
+static int g_n_spliced;
+
+static int is_spliced(int fd)
 {
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return 0;
+	for (int i = 0; i < g_n_spliced; i++)
+		if (g_spliced[i] == st.st_dev)
+			return 1;
+	return 0;
+}
+
+/*
+ * Resolve `rel` below `*root` (RESOLVE_IN_ROOT) to an O_PATH fd of a directory (want_dir)
+ * or non-directory; if it is missing, splice its nearest existing ancestor (unless that is
+ * already one of our tmpfs instances) and create it there. Splicing the root itself
+ * replaces `*root` with the tmpfs now on top of it. Returns the fd or -errno (-ENOTDIR /
+ * -EISDIR on a type mismatch).
+ */
+static int ensure_mountpoint(int *root_p, const char *rel, int want_dir)
+{
+	int root = *root_p;
 	int fd = open_in(root, rel, O_PATH);
 	if (fd >= 0) {
 		struct stat st;
@@ -406,10 +424,28 @@ static int ensure_mountpoint(int root, const char *rel, int want_dir)
 	if (dir < 0)
 		return dir;
 
-	int top = splice_dir(dir);
-	close(dir);
-	if (top < 0)
-		return top;
+	int top;
+	if (is_spliced(dir)) {
+		top = dir; /* our own tmpfs: create the entries directly */
+	} else {
+		top = splice_dir(dir);
+		close(dir);
+		if (top < 0)
+			return top;
+		struct stat tst;
+		if (fstat(top, &tst) == 0 && g_n_spliced < (int)(sizeof(g_spliced) / sizeof(g_spliced[0])))
+			g_spliced[g_n_spliced++] = tst.st_dev;
+		if (cut == 0) {
+			/* the root itself was covered: later lookups must start on the tmpfs */
+			int new_root = fcntl(top, F_DUPFD_CLOEXEC, 3);
+			if (new_root < 0) {
+				int err = -errno;
+				close(top);
+				return err;
+			}
+			*root_p = new_root;
+		}
+	}
 
 	/* create the missing components rel[cut..] inside the tmpfs */
 	int cur = top;
@@ -477,7 +513,7 @@ static void build_attach_view(const struct dvs_attach *req)
 		fail(DVS_ATTACH_STEP_BASE_DIR, 0, EINVAL);
 	if (!path_is_safe(base))
 		fail(DVS_ATTACH_STEP_BASE_DIR, 0, EINVAL);
-	int spot = ensure_mountpoint(root, base, 1);
+	int spot = ensure_mountpoint(&root, base, 1);
 	if (spot < 0)
 		fail(DVS_ATTACH_STEP_BASE_DIR, 0, -spot);
 	must(attach_onto(croot, spot), DVS_ATTACH_STEP_BASE_DIR, 1);
@@ -501,7 +537,7 @@ static void build_attach_view(const struct dvs_attach *req)
 			close(src);
 			continue;
 		}
-		int dst = ensure_mountpoint(root, rel, S_ISDIR(st.st_mode));
+		int dst = ensure_mountpoint(&root, rel, S_ISDIR(st.st_mode));
 		if (dst < 0) {
 			warn(DVS_ATTACH_STEP_OVERLAY, i, -dst);
 			close(src);

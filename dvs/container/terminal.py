@@ -69,7 +69,7 @@ def stop_self_and_resume(session: Session) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
     if saved is not None:
         with contextlib.suppress(termios.error):
-            tty.setraw(0)
+            tty.setraw(0, termios.TCSANOW)
     session.send_signal(signal.SIGCONT)
 
 
@@ -106,7 +106,7 @@ def run_pty_session(session: Session, master: int, report_fd: int) -> None:
     try:
         if raw:
             session._tty_saved = termios.tcgetattr(stdin_fd)
-            tty.setraw(stdin_fd)
+            tty.setraw(stdin_fd, termios.TCSANOW)  # keep type-ahead (TCSAFLUSH drops it)
         _copy_winsize(stdout_fd, master)
         stdin_open = True
         master_open = True
