@@ -835,10 +835,11 @@ static void kill_session(int proc_fd, int sid)
 static __attribute__((noreturn)) void supervise(const struct dvs_attach *req, int cmd_pid,
 						 int cmd_pidfd)
 {
-	sigset_t chld;
-	sigemptyset(&chld);
-	sigaddset(&chld, SIGCHLD);
-	int sfd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+	sigset_t handled;
+	sigemptyset(&handled);
+	sigaddset(&handled, SIGCHLD);
+	sigaddset(&handled, SIGTERM);
+	int sfd = signalfd(-1, &handled, SFD_CLOEXEC | SFD_NONBLOCK);
 	int keep[] = { g_report_fd, req->host_proc_fd, cmd_pidfd, sfd };
 	close_all_except(keep, 4);
 
@@ -859,8 +860,12 @@ static __attribute__((noreturn)) void supervise(const struct dvs_attach *req, in
 		}
 		if (pfd[1].revents) {
 			struct signalfd_siginfo si;
+			int terminate = 0;
 			while (read(sfd, &si, sizeof(si)) > 0)
-				;
+				if (si.ssi_signo == SIGTERM)
+					terminate = 1;
+			if (terminate)
+				break; /* asked to end the session: as if dvs went away */
 			memset(&info, 0, sizeof(info));
 			if (waitid(P_PIDFD, (id_t)cmd_pidfd, &info,
 				   WEXITED | WSTOPPED | WCONTINUED | WNOHANG) < 0)
@@ -897,11 +902,22 @@ static __attribute__((noreturn)) void keeper_main(const struct dvs_attach *req, 
 	/* dvs dying before the command runs takes the keeper (and the namespace) with it */
 	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != parent)
 		_exit(127);
-	/* SIGCHLD is read from a signalfd later; block it before any child exists */
-	sigset_t chld;
-	sigemptyset(&chld);
-	sigaddset(&chld, SIGCHLD);
-	sigprocmask(SIG_BLOCK, &chld, NULL);
+	/* SIGCHLD and SIGTERM are read from a signalfd later; block them before any child
+	 * exists. Terminal signals are the command's business: the keeper shares dvs's
+	 * process group, and a hang-up of dvs's terminal must not kill it before it has
+	 * cleaned up (the command resets every disposition before execve). */
+	sigset_t handled;
+	sigemptyset(&handled);
+	sigaddset(&handled, SIGCHLD);
+	sigaddset(&handled, SIGTERM);
+	sigprocmask(SIG_BLOCK, &handled, NULL);
+	struct sigaction ign;
+	memset(&ign, 0, sizeof(ign));
+	ign.sa_handler = SIG_IGN;
+	sigaction(SIGHUP, &ign, NULL);
+	sigaction(SIGINT, &ign, NULL);
+	sigaction(SIGQUIT, &ign, NULL);
+	sigaction(SIGPIPE, &ign, NULL);
 
 	for (int i = 0; i < req->n_cgroup_fds; i++)
 		if (write(req->cgroup_fds[i], "0", 1) != 1)

@@ -25,6 +25,10 @@ class AmbiguousTarget(TargetNotFound):
         )
 
 
+class UnknownType(DvsError, ValueError):
+    """A ``-t`` value that names no resolver."""
+
+
 class BackendUnavailable(DvsError):
     """The requested tools-view backend cannot be used on this host (yet)."""
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dvs.container.errors import AmbiguousTarget
+from dvs.container.errors import AmbiguousTarget, UnknownType
 from dvs.errors import TargetGone, TargetNotFound
 from dvs.lowlevel import sys as llsys
 
@@ -667,11 +667,11 @@ def normalize_types(types: Iterable[str] | str | None) -> list[str]:
             continue
         name = ALIASES.get(name, name)
         if name not in RESOLVERS:
-            raise ValueError(f"unknown container type {raw!r}; known: {', '.join(TYPES)}")
+            raise UnknownType(f"unknown container type {raw!r}; known: {', '.join(TYPES)}")
         if name not in result:
             result.append(name)
     if not result:
-        raise ValueError("no container type given")
+        raise UnknownType("no container type given")
     return result
 
 
