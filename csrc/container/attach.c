@@ -615,6 +615,8 @@ bad:
 /* ---- the command ----------------------------------------------------------------------- */
 
 static int g_exec_pipe = -1;
+/* read end of a pipe whose write end only the keeper holds (non-blocking) */
+static int g_life_fd = -1;
 
 static __attribute__((noreturn)) void cmd_fail(int step, int index, int err)
 {
@@ -743,10 +745,13 @@ static __attribute__((noreturn)) void command_main(const struct dvs_attach *req,
 		install_filters(req);
 	}
 
-	/* die with the keeper; set after setresuid, which clears it */
+	/* die with the keeper; set after setresuid, which clears it. If the keeper died
+	 * before that, the write end of the life pipe is closed: read() sees EOF. (read is
+	 * the one check every seccomp filter lets through; getppid may be refused.) */
 	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-	if (getppid() != 0)
-		_exit(127); /* reparented: the keeper is already gone */
+	char probe;
+	if (read(g_life_fd, &probe, 1) == 0)
+		cmd_fail(DVS_ATTACH_STEP_SYNC, 0, ESRCH);
 
 	exec_command(req);
 	_exit(127);
@@ -754,11 +759,11 @@ static __attribute__((noreturn)) void command_main(const struct dvs_attach *req,
 
 /* ---- the keeper: supervising the command ----------------------------------------------- */
 
-static int parse_session(const char *stat, ssize_t len)
+int dvs_proc_stat_session(const char *stat, int64_t len)
 {
-	/* "pid (comm) state ppid pgrp session ...": comm may contain ") ", so start after
-	 * the last ')' */
-	ssize_t i = len - 1;
+	/* "pid (comm) state ppid pgrp session ...": comm (set by the process itself, so
+	 * untrusted) may contain ") " and digits, so parse from the last ')' */
+	int64_t i = len - 1;
 	while (i >= 0 && stat[i] != ')')
 		i--;
 	if (i < 0)
@@ -785,7 +790,7 @@ static int parse_session(const char *stat, ssize_t len)
 			in_num = 1;
 		}
 	}
-	return -1;
+	return in_num && field == 6 ? (int)value : -1;
 }
 
 /* SIGKILL every process of session `sid` (host pids); repeat while new ones appear */
@@ -822,7 +827,7 @@ static void kill_session(int proc_fd, int sid)
 					continue;
 				ssize_t len = read(fd, stat, sizeof(stat));
 				close(fd);
-				if (len > 0 && parse_session(stat, len) == sid && kill((pid_t)pid, SIGKILL) == 0)
+				if (len > 0 && dvs_proc_stat_session(stat, len) == sid && kill((pid_t)pid, SIGKILL) == 0)
 					killed++;
 			}
 		}
@@ -840,8 +845,8 @@ static __attribute__((noreturn)) void supervise(const struct dvs_attach *req, in
 	sigaddset(&handled, SIGCHLD);
 	sigaddset(&handled, SIGTERM);
 	int sfd = signalfd(-1, &handled, SFD_CLOEXEC | SFD_NONBLOCK);
-	int keep[] = { g_report_fd, req->host_proc_fd, cmd_pidfd, sfd };
-	close_all_except(keep, 4);
+	int keep[] = { g_report_fd, req->host_proc_fd, cmd_pidfd, sfd, g_life_fd };
+	close_all_except(keep, 5);
 
 	siginfo_t info;
 	for (;;) {
@@ -954,6 +959,9 @@ static __attribute__((noreturn)) void keeper_main(const struct dvs_attach *req, 
 	/* from here on the keeper outlives dvs long enough to clean up (see supervise) */
 	prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0);
 
+	int life[2];
+	sys_ok(pipe2(life, O_CLOEXEC | O_NONBLOCK), DVS_ATTACH_STEP_FORK, 2);
+
 	int cmd_pidfd = -1;
 	struct clone_args args;
 	memset(&args, 0, sizeof(args));
@@ -976,11 +984,15 @@ static __attribute__((noreturn)) void keeper_main(const struct dvs_attach *req, 
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		close(exec_pipe[0]);
 		g_exec_pipe = exec_pipe[1];
+		close(life[1]);
+		g_life_fd = life[0];
 		if (master >= 0)
 			close(master);
 		command_main(req, slave);
 	}
 	close(exec_pipe[1]);
+	close(life[0]);
+	g_life_fd = life[1]; /* held until the keeper exits */
 	if (slave >= 0)
 		close(slave);
 	if (req->use_pty)
@@ -1129,7 +1141,8 @@ int dvs_seccomp_copy(int32_t pid, uint8_t *insns, uint32_t insns_cap, uint32_t *
 		}
 	}
 
-	/* the kernel numbers filters newest first; count them, then copy oldest first */
+	/* filter_off 0 is the oldest filter (the kernel walks back from the newest
+	 * count-1-off steps); count them first so the buffer checks happen up front */
 	uint32_t count = 0;
 	for (;;) {
 		long n = ptrace(PTRACE_SECCOMP_GET_FILTER, pid, (void *)(uintptr_t)count, NULL);
@@ -1146,7 +1159,7 @@ int dvs_seccomp_copy(int32_t pid, uint8_t *insns, uint32_t insns_cap, uint32_t *
 	}
 	size_t used = 0;
 	for (uint32_t i = 0; i < count; i++) {
-		uint32_t index = count - 1 - i;
+		uint32_t index = i;
 		long n = ptrace(PTRACE_SECCOMP_GET_FILTER, pid, (void *)(uintptr_t)index, NULL);
 		if (n <= 0 || n > BPF_MAXINSNS) {
 			err = n < 0 ? -errno : -EPROTO;

@@ -145,6 +145,10 @@ int dvs_attach_recv(int fd, struct dvs_attach_msg *msg, int32_t timeout_ms);
  * Returns the number of filters or -errno. */
 int dvs_seccomp_copy(int32_t pid, uint8_t *insns, uint32_t insns_cap, uint32_t *lens,
 		     uint32_t *flags, uint32_t max_filters);
+
+/* The session id (field 6) of a /proc/PID/stat text, or -1 if it is malformed. Used by the
+ * keeper's session clean-up; exported for property tests. */
+int dvs_proc_stat_session(const char *stat, int64_t len);
 /* cffi:end */
 
 #endif /* DVS_CONTAINER_ATTACH_H */

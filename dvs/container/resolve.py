@@ -135,6 +135,7 @@ class Env:
 
     path: str | None = None  # None: os.environ["PATH"]
     proc: str = "/proc"
+    run_user: str = "/run/user"  # users' runtime directories (rootless engines)
     timeout: float = CLI_TIMEOUT
 
     def which(self, program: str) -> str | None:
@@ -159,7 +160,7 @@ class Env:
                 HOME=as_user.pw_dir,
                 USER=as_user.pw_name,
                 LOGNAME=as_user.pw_name,
-                XDG_RUNTIME_DIR=f"/run/user/{as_user.pw_uid}",
+                XDG_RUNTIME_DIR=f"{self.run_user}/{as_user.pw_uid}",
             )
             kwargs = {"user": as_user.pw_uid, "group": as_user.pw_gid, "extra_groups": []}
         try:
@@ -262,10 +263,10 @@ def parse_pid_line(text: str) -> int:
 
 
 def parse_info_pid(text: str) -> int:
-    """``lxc info`` (LXD) / ``incus info``: the line ``PID: n`` (older LXD: ``Pid: n``)."""
+    """``lxc info`` (LXD) / ``incus info``: ``PID: n`` (LXD 3/4: ``Pid: n``, 1.x ``Init: n``)."""
     for line in text.splitlines():
         key, sep, value = line.strip().partition(":")
-        if sep and key.strip().lower() == "pid":
+        if sep and key.strip().lower() in ("pid", "init"):  # "Init:" before LXD 2.0
             value = value.strip()
             if value.isdigit() and int(value) > 0:
                 return int(value)
@@ -476,12 +477,12 @@ _resolve_crun = _runtime_resolver(
 )
 
 
-def _rootless_podman_users() -> list[pwd.struct_passwd]:
+def _rootless_podman_users(run_user: str) -> list[pwd.struct_passwd]:
     """Users with a rootless podman runtime directory (root can ask as each of them)."""
     if os.geteuid() != 0:
         return []
     users = []
-    for run_dir in sorted(glob.glob("/run/user/*")):
+    for run_dir in sorted(glob.glob(f"{run_user}/*")):
         uid = os.path.basename(run_dir)
         if not uid.isdigit() or uid == "0":
             continue
@@ -505,7 +506,7 @@ def _resolve_podman(name: str, env: Env) -> Found:
         errors.append(str(exc))
         if env.which("podman") is None:
             raise
-    for user in _rootless_podman_users():
+    for user in _rootless_podman_users(env.run_user):
         try:
             pid = parse_running_pid(env.run(argv, as_user=user))
             hits.append((f"podman (rootless, user {user.pw_name})", pid))

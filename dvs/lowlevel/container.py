@@ -254,3 +254,9 @@ def seccomp_copy(pid: int) -> list[SeccompFilter]:
         result.append(SeccompFilter(bytes(ffi.buffer(insns + offset, size)), flags[i]))
         offset += size
     return result
+
+
+def proc_stat_session(stat: bytes) -> int:
+    """The session id in a /proc/PID/stat text as the keeper's C parser reads it (-1:
+    malformed); for property tests of that parser."""
+    return int(lib.dvs_proc_stat_session(stat, len(stat)))
