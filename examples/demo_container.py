@@ -15,7 +15,6 @@ import sys
 from dvs.container import PIPE, Session
 from dvs.testing.containers import run_container
 
-
 COMMANDS = (
     ("ps -e -o pid,user,comm", "the host's procps, the container's pid namespace"),
     ("ls -x /var/lib/cntr", "the container's root"),
