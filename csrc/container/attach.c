@@ -695,6 +695,10 @@ static __attribute__((noreturn)) void command_main(const struct dvs_attach *req,
 			if (dup2(slave, i) < 0)
 				cmd_fail(DVS_ATTACH_STEP_STDIO, 2, errno);
 	} else {
+		/* pipe mode without a terminal on stdin: a session of its own, so that what the
+		 * command leaves running can be found (and ended) by its session id */
+		if (req->new_session && setsid() < 0)
+			cmd_fail(DVS_ATTACH_STEP_STDIO, 3, errno);
 		int moved[3];
 		for (int i = 0; i < 3; i++) {
 			moved[i] = -1;

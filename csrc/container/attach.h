@@ -125,6 +125,7 @@ struct dvs_attach {
 	uint16_t cols;
 	int32_t fallback_pty_slave;
 	int32_t stdio[3];    /* pipe mode: fds for 0, 1, 2 (-1: inherit) */
+	int32_t new_session;  /* pipe mode: setsid() (a PTY session always is one) */
 	int32_t kill_session; /* on exit or detach, SIGKILL what is left in the session */
 
 	/* out */

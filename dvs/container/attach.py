@@ -28,6 +28,12 @@ keeper (PR_SET_PDEATHSIG again).
 Terminal: a PTY (allocated on the container's own devpts) only when stdin and stdout are
 both terminals and the caller did not redirect them; otherwise the command gets the
 caller's file descriptors as they are -- no copying, so pipes stay binary-safe.
+Sessions: with a PTY the command leads the PTY's session; without one it leads a session
+of its own unless its stdin is a terminal (then it stays in the caller's foreground
+process group, so ^C/^Z from that terminal reach it and job control works). When the
+command ends or the session is closed, whatever is left in the command's session --
+background jobs, daemons it started -- is killed (``kill_session``); only processes that
+left the session themselves (setsid) survive, as they would an ssh logout.
 Exit status: the command's, or 128+N when signal N killed it.
 """
 
@@ -189,6 +195,7 @@ class Session:
         self.returncode: int | None = None  # exit status, or 128+signal
         self.signal: int | None = None  # the signal that killed it
         self.tty = False
+        self.own_session = False  # the command leads a session (PTY, or no tty on stdin)
         self.master_fd: int | None = None
         self._cmd_pidfd = -1
         self._sock: socket.socket | None = None
@@ -275,6 +282,9 @@ class Session:
                 fds_for_child.append(tools_fd)
                 self.warnings.extend(getattr(self.view, "warnings", []))
             stdio = self._open_stdio(stdin, stdout, stderr, fds_for_child, ours)
+            # without a terminal on stdin nobody does job control for the command: give it
+            # a session of its own, so what it leaves running is found by session id
+            self.own_session = self.tty or not os.isatty(stdio[0] if stdio[0] >= 0 else 0)
             rows = cols = 0
             fallback_slave = -1
             if self.tty:
@@ -318,6 +328,7 @@ class Session:
                 cols=cols,
                 fallback_pty_slave=fallback_slave,
                 stdio=stdio,
+                new_session=self.own_session and not self.tty,
                 kill_session=options.kill_session,
             )
             if not self.target.alive():

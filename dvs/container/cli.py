@@ -7,9 +7,10 @@ base directory, and runs CMD (default: ``$SHELL -l``). ``exec ID [-- CMD...]`` r
 even without ``--``. Exit status: the command's, 128+N if signal N killed it, 1 when dvs
 itself failed (the message says which step and what was tried).
 
-Signals in pipe mode: the command sits in our process group, so ^C and ^\\ from the
-terminal reach it directly; dvs ignores them and waits for its exit status. SIGTERM and
-SIGHUP sent to dvs alone are passed on to the command.
+Signals in pipe mode: when stdin is a terminal the command sits in our process group, so
+^C and ^\\ from the terminal reach it directly and dvs ignores them; otherwise the command
+leads its own session and dvs passes them on. SIGTERM and SIGHUP sent to dvs are passed on
+to the command.
 """
 
 from __future__ import annotations
@@ -126,12 +127,18 @@ def _argv(args: argparse.Namespace) -> list[str] | None:
 
 @contextlib.contextmanager
 def _signals_for(session: Session) -> Iterator[None]:
-    """Pipe mode: the terminal's ^C/^\\ reach the command directly; pass SIGTERM/SIGHUP on."""
+    """Pipe mode: pass SIGTERM/SIGHUP on; ^C/^\\ from the terminal reach a command in our
+    process group directly (so we ignore them), one in a session of its own through us."""
+
+    def forward(sig: int, _frame: object) -> None:
+        session.send_signal(sig)
+
+    terminal_signal = forward if session.own_session else signal.SIG_IGN
     handled: dict[signal.Signals, Any] = {
-        signal.SIGINT: signal.SIG_IGN,
-        signal.SIGQUIT: signal.SIG_IGN,
-        signal.SIGTERM: lambda sig, _f: session.send_signal(sig),
-        signal.SIGHUP: lambda sig, _f: session.send_signal(sig),
+        signal.SIGINT: terminal_signal,
+        signal.SIGQUIT: terminal_signal,
+        signal.SIGTERM: forward,
+        signal.SIGHUP: forward,
     }
     previous = {sig: signal.signal(sig, handler) for sig, handler in handled.items()}
     try:

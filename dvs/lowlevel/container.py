@@ -131,6 +131,7 @@ class AttachRequest:
     cols: int = 0
     fallback_pty_slave: int = -1
     stdio: tuple[int, int, int] = (-1, -1, -1)
+    new_session: bool = False
     kill_session: bool = True
     _keep: list[object] = field(default_factory=list, repr=False)
 
@@ -217,6 +218,7 @@ def attach_start(req: AttachRequest) -> tuple[int, int]:
     c.cols = req.cols
     c.fallback_pty_slave = req.fallback_pty_slave
     c.stdio = list(req.stdio)
+    c.new_session = int(req.new_session)
     c.kill_session = int(req.kill_session)
     check(lib.dvs_attach_start(c), "starting the attach helper")
     return c.pid, c.pidfd

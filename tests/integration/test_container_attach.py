@@ -399,3 +399,72 @@ def test_idle_tools_dir_without_proc_is_spliced(box: OciContainer, tmp_path: Pat
     assert result.returncode == 0, result.stderr
     assert text(result).splitlines()[0] == CONTAINER_HOSTNAME
     assert sorted(os.listdir(tmp_path)) == ["bin"]  # nothing created in the tools dir
+
+
+def test_stopping_the_command_stops_dvs_and_continuing_resumes_both(box: OciContainer) -> None:
+    """Job control of a PTY session: a stop of the command from outside is mirrored."""
+    import pty
+    import select
+    import time
+
+    from attach_helpers import children_of
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - execs at once
+        os.environ["SHELL"] = "/bin/sh"
+        os.execv(sys.executable, [sys.executable, "-m", "dvs", "container", "attach", box.id])
+    out = bytearray()
+
+    def read_until(needle: bytes, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                try:
+                    out.extend(os.read(fd, 4096))
+                except OSError:
+                    return
+
+    try:
+        os.write(fd, b"echo ready$((1+1))\n")
+        read_until(b"ready2")
+        (keeper,) = children_of(pid)
+        (command,) = children_of(keeper)
+        os.kill(command, signal.SIGSTOP)
+        deadline = time.monotonic() + 20
+        stopped = False
+        while time.monotonic() < deadline and not stopped:
+            waited, status = os.waitpid(pid, os.WUNTRACED | os.WNOHANG)
+            stopped = waited == pid and os.WIFSTOPPED(status)
+            time.sleep(0.02)
+        assert stopped, "dvs did not stop with its command"
+        os.kill(pid, signal.SIGCONT)
+        os.write(fd, b"echo alive$((2+2)); exit 6\n")
+        read_until(b"alive4")
+        deadline = time.monotonic() + 20
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            read_until(b"never", timeout=0.1)
+        assert os.waitstatus_to_exitcode(waited[1]) == 6, out
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def test_non_root_target_gets_its_ids_groups_and_no_capabilities() -> None:
+    """A process running as nobody with a supplementary group: the command is the same."""
+    target = subprocess.Popen(
+        ["sleep", "300"], user=65534, group=65534, extra_groups=[100], cwd="/"
+    )
+    try:
+        script = "id -u; id -g; id -G; grep -E '^Cap(Eff|Bnd):' /proc/self/status"
+        result = dvs("attach", "-t", "pid", str(target.pid), "--", "sh", "-c", script)
+        assert result.returncode == 0, result.stderr
+        lines = text(result).splitlines()
+        assert lines[:2] == ["65534", "65534"]
+        assert sorted(lines[2].split()) == ["100", "65534"]
+        assert lines[3].split()[1] == "0000000000000000"  # CapEff
+        assert lines[4].split()[1] == status_of(target.pid)["CapEff"]  # bounding = its CapEff
+    finally:
+        target.kill()
+        target.wait()

@@ -172,3 +172,27 @@ def test_failed_attach_leaves_the_target_untouched(box: OciContainer) -> None:
             status_before
         )
     assert box.is_alive()
+
+
+def test_background_jobs_of_a_pipe_session_do_not_outlive_it(box: OciContainer) -> None:
+    """Without a terminal the command leads a session of its own; what it leaves is ended."""
+    before = Snapshot.take(box.pid)
+    script = "sleep $((7811 - 1 + 1)) & echo started"
+    result = dvs("attach", box.id, "--", "sh", "-c", script)
+    assert result.returncode == 0 and result.stdout == b"started\n", result.stderr
+    assert wait_until_clean(before, box.pid, marker=b"sleep 7811") == before
+    # with kill_session off (the API), the job is the caller's business
+    from dvs.container import AttachOptions
+
+    options = AttachOptions(kill_session=False)
+    with Session(
+        box.id,
+        ["sh", "-c", script.replace("7811", "7812")],
+        options=options,
+        stdout=subprocess.DEVNULL,
+    ) as session:
+        assert session.wait(timeout=30) == 0
+    assert wait_for(lambda: alive_with_cmdline(b"sleep 7812"))
+    for pid in alive_with_cmdline(b"sleep 7812"):
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until_clean(before, box.pid, marker=b"sleep 7812") == before
