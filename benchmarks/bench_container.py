@@ -159,9 +159,13 @@ def run_native(argv: list[str]) -> bytes:
 
 
 def run_attached(box: OciContainer, argv: list[str]) -> bytes:
-    with Session(box.id, argv, stdout=PIPE) as session:
-        out, _ = session.communicate(timeout=600)
-    assert session.returncode == 0, argv
+    with Session(box.id, argv, stdout=PIPE, stderr=PIPE) as session:
+        out, err = session.communicate(timeout=600)
+    if session.returncode != 0:
+        raise RuntimeError(
+            f"{argv[0]} in the attached view: status {session.returncode} "
+            f"(signal {session.signal}), warnings {session.warnings}: {err[-2000:]!r}"
+        )
     return out
 
 

@@ -875,31 +875,36 @@ static __attribute__((noreturn)) void supervise(const struct dvs_attach *req, in
 					terminate = 1;
 			if (terminate)
 				break; /* asked to end the session: as if dvs went away */
+			/* peek first (WNOWAIT): until the command is reaped its pid -- which is
+			 * also its session's id -- cannot be reused, so the session clean-up
+			 * below can never hit a stranger */
 			memset(&info, 0, sizeof(info));
-			if (waitid(P_PIDFD, (id_t)cmd_pidfd, &info,
-				   WEXITED | WSTOPPED | WCONTINUED | WNOHANG) < 0)
+			if (waitid(P_PIDFD, (id_t)cmd_pidfd, &info, WEXITED | WNOHANG | WNOWAIT) < 0)
 				break;
-			if (info.si_pid == 0)
-				continue;
-			if (info.si_code == CLD_STOPPED || info.si_code == CLD_TRAPPED) {
-				send_msg(DVS_MSG_STOPPED, 0, 0, 0, info.si_status, -1);
+			if (info.si_pid == 0) {
+				memset(&info, 0, sizeof(info));
+				if (waitid(P_PIDFD, (id_t)cmd_pidfd, &info,
+					   WSTOPPED | WCONTINUED | WNOHANG) < 0)
+					break;
+				if (info.si_pid != 0 &&
+				    (info.si_code == CLD_STOPPED || info.si_code == CLD_TRAPPED))
+					send_msg(DVS_MSG_STOPPED, 0, 0, 0, info.si_status, -1);
 				continue;
 			}
-			if (info.si_code == CLD_CONTINUED)
-				continue;
 			/* exited, killed or dumped */
 			if (req->kill_session)
 				kill_session(req->host_proc_fd, cmd_pid);
+			while (waitid(P_PIDFD, (id_t)cmd_pidfd, &info, WEXITED) < 0 && errno == EINTR)
+				;
 			send_msg(DVS_MSG_EXITED, 0, info.si_code, 0, info.si_status, -1);
 			_exit(0);
 		}
 	}
+	/* detached (dvs is gone or asked to end): nothing of the session may stay */
 	dvs_pidfd_send_signal(cmd_pidfd, SIGKILL, 0);
 	kill_session(req->host_proc_fd, cmd_pid);
 	while (waitid(P_PIDFD, (id_t)cmd_pidfd, &info, WEXITED) < 0 && errno == EINTR)
 		;
-	if (req->kill_session)
-		kill_session(req->host_proc_fd, cmd_pid);
 	_exit(0);
 }
 

@@ -88,6 +88,28 @@ def alive_pids_in_ns(ns: str) -> set[int]:
     return found
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def settled_pids_in_ns(ns: str, timeout: float = 10.0) -> set[int]:
+    """``alive_pids_in_ns`` once the container is at rest: the test containers' idle init
+    (``dvs-idle``, a shell loop) forks before it execs its ``sleep``, so right after a
+    start, or when the sleep ends, a second ``dvs-idle`` shows for a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        first = alive_pids_in_ns(ns)
+        comms = [_comm(p) for p in first]
+        forking = comms.count("dvs-idle") > 1 or ("dvs-idle" in comms and "sleep" not in comms)
+        time.sleep(0.02)
+        if (not forking and alive_pids_in_ns(ns) == first) or time.monotonic() > deadline:
+            return first
+
+
 def alive_with_cmdline(marker: bytes) -> set[int]:
     """Live processes whose command line contains ``marker`` (NULs read as spaces)."""
     found = set()
@@ -139,7 +161,7 @@ class Snapshot:
         return cls(
             host_mounts_of_interest(base_dir),
             mountinfo_lines(container_pid),
-            alive_pids_in_ns(pid_ns(container_pid)),
+            settled_pids_in_ns(pid_ns(container_pid)),
             os.path.lexists(base_dir),
         )
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from attach_helpers import Snapshot, alive_pids_in_ns, dvs, pid_ns, text, wait_until_clean
+from attach_helpers import Snapshot, dvs, pid_ns, settled_pids_in_ns, text, wait_until_clean
 
 from dvs.container import PIPE, AttachOptions, Session, attach, exec_in
 from dvs.testing.container_rootfs import CONTAINER_HOSTNAME, USERNS_ID_BASE
@@ -47,7 +47,7 @@ def status_of(pid: int | str) -> dict[str, str]:
 def test_ps_shows_only_the_containers_processes(box: OciContainer) -> None:
     # what the host sees in the container's pid namespace (idle init + its sleep)
     inside = sorted(
-        Path(f"/proc/{pid}/comm").read_text().strip() for pid in alive_pids_in_ns(pid_ns(box.pid))
+        Path(f"/proc/{pid}/comm").read_text().strip() for pid in settled_pids_in_ns(pid_ns(box.pid))
     )
     result = dvs("attach", box.id, "--", "ps", "-e", "-o", "pid=,comm=")
     assert result.returncode == 0, result.stderr
@@ -216,6 +216,7 @@ def test_user_namespaced_container_ownership_both_ways(runtime: str) -> None:
             f"stat -c '%u' /var/lib/cntr/tmp/made-in-container {tools_tmp}/made-on-tools-side; "
             "ps -e -o pid= | wc -l"
         )
+        inside = settled_pids_in_ns(pid_ns(box.pid))
         result = dvs("attach", box.id, "--", "sh", "-c", script)
         assert result.returncode == 0, result.stderr
         lines = text(result).split()
@@ -228,7 +229,7 @@ def test_user_namespaced_container_ownership_both_ways(runtime: str) -> None:
         assert os.stat(box.rootfs / "tmp/made-in-container").st_uid == USERNS_ID_BASE
         assert os.stat(f"{tools_tmp}/made-on-tools-side").st_uid == 0
         # only the container's pid namespace: its processes, plus sh, ps and wc
-        assert int(lines[7]) == len(alive_pids_in_ns(pid_ns(box.pid))) + 3
+        assert int(lines[7]) == len(inside) + 3
 
 
 def test_crun_and_podman_containers() -> None:
