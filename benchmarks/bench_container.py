@@ -18,7 +18,7 @@
 The ratio is attached / native from the same run; the mount-API view is the kernel's own
 VFS path, so about 1.0 is the expectation.
 
-Run as root: ``python3 benchmarks/bench_container.py [--runs 30] [--io-seconds 3]``.
+Run as root: ``python3 benchmarks/bench_container.py [--runs 30] [--io-seconds 2] [--reps 6]``.
 """
 
 from __future__ import annotations
@@ -169,6 +169,23 @@ def run_attached(box: OciContainer, argv: list[str]) -> bytes:
     return out
 
 
+def paired(
+    native: Callable[[], float], attached: Callable[[], float], reps: int
+) -> tuple[float, float, list[float]]:
+    """Run the two back to back ``reps`` times, alternating which goes first (load drifts on
+    a shared machine); return both medians and the per-pair ratios attached/native."""
+    natives, attacheds, ratios = [], [], []
+    for i in range(reps):
+        if i % 2:
+            a, n = attached(), native()
+        else:
+            n, a = native(), attached()
+        natives.append(n)
+        attacheds.append(a)
+        ratios.append(a / n)
+    return statistics.median(natives), statistics.median(attacheds), ratios
+
+
 def bench_io(
     label: str,
     box: OciContainer,
@@ -182,28 +199,33 @@ def bench_io(
         ["dd", "if=/dev/urandom", f"of={native_dir}/big", "bs=1M", "count=512", "status=none"]
     )
     run_native(["cat", f"{native_dir}/big"])  # warm the page cache
-    print(f"\n{label}: fio psync, page cache warm, {seconds:g} s per run, median of {reps}")
-    print(f"{'job':20} {'native':>14} {'attached':>14} {'ratio':>7}")
+    print(f"\n{label}")
+    print(f"fio psync, page cache warm, {seconds:g} s per run; {reps} back-to-back pairs")
+    print(f"{'job':22} {'native':>12} {'attached':>12} {'ratio (median of pairs)':>24}")
+
+    def show(job: str, unit: str, scale: float, n: float, a: float, ratios: list[float]) -> None:
+        spread = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+        print(f"{job:22} {n / scale:7.0f} {unit:4} {a / scale:7.0f} {unit:4} {spread:>24}")
+
     for job in FIO_JOBS:
         name = "wfile" if "write" in job else "big"
-        native, attached = [], []
-        for _ in range(reps):  # alternate, so drifting noise hits both alike
-            out = run_native(fio_argv(job, f"{native_dir}/{name}", seconds, size))
-            native.append(fio_result(out, job))
-            out = run_attached(box, fio_argv(job, f"{inside_dir}/{name}", seconds, size))
-            attached.append(fio_result(out, job))
-        n, a = statistics.median(native), statistics.median(attached)
-        unit = "MB/s" if "1M" in job else "IOPS"
-        scale = 1e6 if unit == "MB/s" else 1
-        print(f"{job:20} {n / scale:9.0f} {unit:4} {a / scale:9.0f} {unit:4} {a / n:7.2f}")
-    native_m, attached_m = [], []
-    for _ in range(reps):
-        native_m.append(float(run_native([sys.executable, "-c", META_SCRIPT, native_dir, "3000"])))
-        attached_m.append(
-            float(run_attached(box, [sys.executable, "-c", META_SCRIPT, inside_dir, "3000"]))
+        n, a, ratios = paired(
+            lambda job=job, name=name: fio_result(
+                run_native(fio_argv(job, f"{native_dir}/{name}", seconds, size)), job
+            ),
+            lambda job=job, name=name: fio_result(
+                run_attached(box, fio_argv(job, f"{inside_dir}/{name}", seconds, size)), job
+            ),
+            reps,
         )
-    n, a = statistics.median(native_m), statistics.median(attached_m)
-    print(f"{'create+write+stat+rm':20} {n:9.0f} op/s {a:9.0f} op/s {a / n:7.2f}")
+        unit, scale = ("MB/s", 1e6) if "1M" in job else ("IOPS", 1.0)
+        show(job, unit, scale, n, a, ratios)
+    n, a, ratios = paired(
+        lambda: float(run_native([sys.executable, "-c", META_SCRIPT, native_dir, "3000"])),
+        lambda: float(run_attached(box, [sys.executable, "-c", META_SCRIPT, inside_dir, "3000"])),
+        reps,
+    )
+    show("create+write+stat+rm", "op/s", 1.0, n, a, ratios)
     for name in ("big", "wfile"):
         Path(native_dir, name).unlink(missing_ok=True)
 
@@ -211,8 +233,8 @@ def bench_io(
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--io-seconds", type=float, default=3.0)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--io-seconds", type=float, default=2.0)
+    parser.add_argument("--reps", type=int, default=6)
     parser.add_argument("--skip-io", action="store_true")
     args = parser.parse_args(argv)
     print(

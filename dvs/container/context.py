@@ -29,6 +29,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from dvs.container.mountinfo import parse as parse_mountinfo
 from dvs.container.resolve import Target
@@ -53,11 +54,12 @@ CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
 
 
-@dataclass(frozen=True)
-class IdExtent:
+class IdExtent(NamedTuple):
+    """One line of /proc/PID/uid_map: ``length`` ids from ``inside`` map to ``outside``."""
+
     inside: int
     outside: int
-    count: int
+    length: int
 
 
 def parse_id_map(text: str) -> list[IdExtent]:
@@ -72,7 +74,7 @@ def parse_id_map(text: str) -> list[IdExtent]:
 def map_into(host_id: int, extents: Sequence[IdExtent], overflow: int = 65534) -> int:
     """The id that ``host_id`` (as the reader sees it) has inside the mapped namespace."""
     for e in extents:
-        if e.outside <= host_id < e.outside + e.count:
+        if e.outside <= host_id < e.outside + e.length:
             return e.inside + (host_id - e.outside)
     return overflow
 
@@ -80,7 +82,7 @@ def map_into(host_id: int, extents: Sequence[IdExtent], overflow: int = 65534) -
 def map_out(inside_id: int, extents: Sequence[IdExtent]) -> int | None:
     """The reader's id for ``inside_id`` of the mapped namespace (None: unmapped)."""
     for e in extents:
-        if e.inside <= inside_id < e.inside + e.count:
+        if e.inside <= inside_id < e.inside + e.length:
             return e.outside + (inside_id - e.inside)
     return None
 
@@ -237,6 +239,10 @@ class TargetContext:
     overflow_uid: int = 65534
     overflow_gid: int = 65534
     _closed: bool = field(default=False, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.target.pid
 
     # -- ids ----------------------------------------------------------------------------
     @property

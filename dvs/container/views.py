@@ -29,10 +29,12 @@ runs after the session ended (a FUSE server stops there). Backends:
   are; mounts are attached onto the detached tree (Linux 6.15 allows mounting on
   detached mounts; before that, only the root mount is id-mapped).
 - ``fuse``: provided by ``dvs.fs`` (CntrFS), looked up lazily as
-  ``dvs.fs.make_tools_view(root: str) -> ToolsView``. Its ``make_mount_fd`` does
-  fsopen("fuse") / fsconfig(fd=<dev fd>, rootmode=..., allow_other, default_permissions)
-  / fsmount and serves the tree from the dvs process. Until dvs.fs provides it,
-  ``--backend fuse`` raises BackendUnavailable.
+  ``dvs.fs.make_tools_view(root)`` or ``dvs.fs.FuseToolsView(root)``. Its
+  ``make_mount_fd(ctx)`` does fsopen("fuse") / fsconfig(fd=<dev fd>, rootmode=...,
+  allow_other, default_permissions) / fsmount and serves the tree from the dvs process,
+  shifting ids with ``ctx.uid_map``/``ctx.gid_map`` (``IdExtent`` rows: inside, outside,
+  length) the way CntrFS does. Until dvs.fs provides it, ``--backend fuse`` raises
+  BackendUnavailable.
 
 The tools root is the host's ``/`` by default, or any directory, or an OCI bundle (its
 config.json's ``root.path``) -- a "fat" tools image next to a slim container.
@@ -207,11 +209,11 @@ def open_view(backend: str, root: str, *, idmap: bool = True) -> ToolsView:
             fs = importlib.import_module("dvs.fs")
         except ImportError:
             fs = None
-        factory = getattr(fs, "make_tools_view", None)
+        factory = getattr(fs, "make_tools_view", None) or getattr(fs, "FuseToolsView", None)
         if factory is None:
             raise BackendUnavailable(
-                "the fuse backend is not available yet: dvs.fs does not provide "
-                "make_tools_view (CntrFS); use --backend mount"
+                "the fuse backend is not available yet: dvs.fs (CntrFS) provides no tools "
+                "view; use --backend mount"
             )
         view = factory(root)
         if not isinstance(view, ToolsView):
