@@ -711,11 +711,15 @@ static __attribute__((noreturn)) void command_main(const struct dvs_attach *req,
 				cmd_fail(DVS_ATTACH_STEP_STDIO, i, errno);
 	}
 
+	/* ids are changed with raw syscalls: glibc's wrappers broadcast the change to every
+	 * thread it knows of (setxid), and the thread list and locks it would use are the
+	 * interpreter's, copied by clone3 -- they can be held by threads that do not exist
+	 * here (a FUSE server's, say) and hang the child. One thread is all there is. */
 	if (req->set_ids) {
-		if (setgroups((size_t)req->n_groups, (const gid_t *)req->groups) < 0)
+		if (syscall(SYS_setgroups, (size_t)req->n_groups, (const gid_t *)req->groups) < 0)
 			/* a user namespace with setgroups "deny" keeps the groups we have */
 			send_msg(DVS_MSG_WARN, DVS_ATTACH_STEP_GROUPS, 0, errno, 0, -1);
-		if (setresgid((gid_t)req->gid, (gid_t)req->gid, (gid_t)req->gid) < 0)
+		if (syscall(SYS_setresgid, (gid_t)req->gid, (gid_t)req->gid, (gid_t)req->gid) < 0)
 			cmd_fail(DVS_ATTACH_STEP_GID, 0, errno);
 	}
 	for (int cap = 0; cap <= req->cap_last && cap < 64; cap++)
@@ -741,7 +745,8 @@ static __attribute__((noreturn)) void command_main(const struct dvs_attach *req,
 
 	if (!req->no_new_privs)
 		install_filters(req); /* needs CAP_SYS_ADMIN, which setresuid may take away */
-	if (req->set_ids && setresuid((uid_t)req->uid, (uid_t)req->uid, (uid_t)req->uid) < 0)
+	if (req->set_ids &&
+	    syscall(SYS_setresuid, (uid_t)req->uid, (uid_t)req->uid, (uid_t)req->uid) < 0)
 		cmd_fail(DVS_ATTACH_STEP_UID, 0, errno);
 	if (req->no_new_privs) {
 		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
