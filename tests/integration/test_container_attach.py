@@ -469,3 +469,29 @@ def test_non_root_target_gets_its_ids_groups_and_no_capabilities() -> None:
     finally:
         target.kill()
         target.wait()
+
+
+@pytest.mark.fuse
+def test_fuse_backend_when_cntrfs_provides_it() -> None:
+    """``--backend fuse``: the same layout with the tools served by CntrFS (dvs.fs)."""
+    try:
+        from dvs.fs import FuseToolsView  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        pytest.skip("dvs.fs (CntrFS) is not on this branch yet; the seam is tested for errors")
+    del FuseToolsView
+    with (
+        run_container("runc", userns=True) as box,
+        tempfile.TemporaryDirectory(dir="/var/tmp") as tools_tmp,
+    ):
+        os.chmod(tools_tmp, 0o777)
+        script = (
+            "grep ' / / ' /proc/self/mountinfo; stat -c %u /usr/bin/env; "
+            f"touch {tools_tmp}/made-through-fuse; cat /etc/hostname; ps -e -o pid= | wc -l"
+        )
+        result = dvs("attach", "--backend", "fuse", box.id, "--", "sh", "-c", script)
+        assert result.returncode == 0, result.stderr
+        lines = text(result).splitlines()
+        assert " - fuse." in lines[0]  # the tools side is the FUSE mount
+        assert lines[1] == "0"  # host root's files appear as the container's root
+        assert os.stat(f"{tools_tmp}/made-through-fuse").st_uid == 0
+        assert lines[2] == CONTAINER_HOSTNAME
