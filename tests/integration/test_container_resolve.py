@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,12 @@ def test_pid_and_command_line() -> None:
             assert target.pid == box.pid
     host = subprocess.Popen(["sleep", "123.456"])
     try:
+        # Popen returns when exec has replaced the mm, a moment before the kernel sets the
+        # new argument area: /proc/PID/cmdline can still be empty right then
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{host.pid}/cmdline").read_bytes() != b"sleep\x00123.456\x00":
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         with resolve("sleep 123.456", "cmdline") as target:
             assert target.pid == host.pid
     finally:
