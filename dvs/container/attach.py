@@ -25,6 +25,11 @@ socket closing -- on ``close()``, or when dvs is killed, even by SIGKILL -- and 
 command and whatever is left in its session before it exits; the command dies with the
 keeper (PR_SET_PDEATHSIG again).
 
+Overlays follow the tools side's symlinks: on a host whose /etc/localtime links to
+/usr/share/zoneinfo/Etc/UTC, the container's localtime appears at both paths in the view.
+A path missing on the tools side (a slim tools image without /etc/hosts, a host without
+/var/lib/cntr) is spliced in on a tmpfs, never created on disk (see attach.c).
+
 Terminal: a PTY (allocated on the container's own devpts) only when stdin and stdout are
 both terminals and the caller did not redirect them; otherwise the command gets the
 caller's file descriptors as they are -- no copying, so pipes stay binary-safe.
@@ -225,6 +230,9 @@ class Session:
     def _start(self) -> None:
         assert self.target is not None
         options = self.options
+        base_dir = os.path.normpath(options.base_dir)
+        if not base_dir.startswith("/") or base_dir == "/":
+            raise DvsError(f"the base directory must be an absolute path below /, not {base_dir!r}")
         ctx = self.context = read_context(self.target)
         attach_mode = self.mode == "attach"
 
@@ -234,7 +242,7 @@ class Session:
             root_dir = tools.path
             search_path: bytes | None = tools.search_path.encode()
             argv = self.command or [_default_shell(root_dir), "-l"]
-            cwd = options.base_dir
+            cwd = base_dir
         else:
             tools = None
             search_path = ctx.env_value(b"PATH") or DEFAULT_PATH.encode()
@@ -310,7 +318,7 @@ class Session:
                 cgroup_fds=cgroup_fds,
                 namespaces=ctx.namespaces_to_join(),
                 tools_fd=tools_fd,
-                base_dir=options.base_dir if attach_mode else None,
+                base_dir=base_dir if attach_mode else None,
                 overlays=OVERLAYS if attach_mode else (),
                 cwd=cwd,
                 set_ids=True,

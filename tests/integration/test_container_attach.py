@@ -495,3 +495,18 @@ def test_fuse_backend_when_cntrfs_provides_it() -> None:
         assert lines[1] == "0"  # host root's files appear as the container's root
         assert os.stat(f"{tools_tmp}/made-through-fuse").st_uid == 0
         assert lines[2] == CONTAINER_HOSTNAME
+
+
+def test_exec_in_a_user_namespaced_read_only_container() -> None:
+    with run_container("crun", userns=True, readonly=True) as box:
+        result = dvs("exec", box.id, "--", "sh", "-c", "id -u; stat -c %u /bin/busybox; touch /x")
+        lines = text(result).splitlines()
+        assert lines[:2] == ["0", "0"]
+        assert result.returncode == 1 and b"Read-only file system" in result.stderr
+
+
+def test_base_dir_must_be_absolute(box: OciContainer) -> None:
+    for bad in ("relative/dir", "/", "/.."):
+        result = dvs("attach", "--base-dir", bad, box.id, "--", "true")
+        assert result.returncode == 1
+        assert b"base directory must be an absolute path" in result.stderr, bad
