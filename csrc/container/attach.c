@@ -464,6 +464,9 @@ static int ensure_mountpoint(int *root_p, const char *rel, int want_dir)
 		name[n] = 0;
 		int last = !*end;
 		int r;
+		struct stat est;
+		if (last && fstatat(cur, name, &est, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(est.st_mode))
+			unlinkat(cur, name, 0); /* a dangling link, copied into our tmpfs: replace it */
 		if (!last || want_dir)
 			r = mkdirat(cur, name, 0755);
 		else
@@ -532,8 +535,13 @@ static void build_attach_view(const struct dvs_attach *req)
 			continue;
 		}
 		struct stat st;
-		if (fstat(src, &st) < 0) {
-			warn(DVS_ATTACH_STEP_OVERLAY, i, errno);
+		/* the container's file is what it likes; a FIFO or device in place of
+		 * /etc/hosts would hang or confuse the tools, so only files and dirs */
+		int bad = fstat(src, &st) < 0 ? errno
+			  : (!S_ISDIR(st.st_mode) && !S_ISREG(st.st_mode)) ? EINVAL
+									 : 0;
+		if (bad) {
+			warn(DVS_ATTACH_STEP_OVERLAY, i, bad);
 			close(src);
 			continue;
 		}

@@ -510,3 +510,35 @@ def test_base_dir_must_be_absolute(box: OciContainer) -> None:
         result = dvs("attach", "--base-dir", bad, box.id, "--", "true")
         assert result.returncode == 1
         assert b"base directory must be an absolute path" in result.stderr, bad
+
+
+def test_hostile_container_files_and_dangling_tools_links(tmp_path: Path) -> None:
+    """A FIFO where the container should have /etc/hosts is not mounted over the tools'
+    (it would hang every resolver); a tools-side /etc/resolv.conf that dangles (a host
+    with systemd-resolved down) still gets the container's file."""
+    import shutil
+
+    with run_container("runc") as box:
+        (box.rootfs / "etc/hosts").unlink()
+        os.mkfifo(box.rootfs / "etc/hosts")
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "etc").mkdir()
+        shutil.copy("/bin/busybox", tmp_path / "bin" / "busybox")
+        (tmp_path / "etc" / "hosts").write_text("127.0.0.1 tools-side\n")
+        os.symlink("/run/nowhere/resolv.conf", tmp_path / "etc" / "resolv.conf")
+        result = dvs(
+            "attach",
+            "--tools",
+            str(tmp_path),
+            box.id,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox cat /etc/hosts; /bin/busybox cat /etc/resolv.conf",
+        )
+        assert result.returncode == 0, result.stderr
+        assert text(result).startswith("127.0.0.1 tools-side\n")
+        assert text(result).endswith(container_file(box, "etc/resolv.conf"))
+        assert b"/etc/hosts: Invalid argument" in result.stderr  # reported as a warning
+        assert os.path.islink(tmp_path / "etc" / "resolv.conf")  # the tools dir untouched
