@@ -96,7 +96,7 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def settled_pids_in_ns(ns: str, timeout: float = 10.0) -> set[int]:
+def settled_pids_in_ns(ns: str, timeout: float = 30.0) -> set[int]:
     """``alive_pids_in_ns`` once the container is at rest: the test containers' idle init
     (``dvs-idle``, a shell loop) forks before it execs its ``sleep``, so right after a
     start, or when the sleep ends, a second ``dvs-idle`` shows for a moment."""
