@@ -29,11 +29,14 @@ cache) fails the page-table checks and is skipped.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
 from dvs.lowlevel.guestmem import GuestMemoryFault
+from dvs.vm import btf as btf_mod
 from dvs.vm import kallsyms as kallsyms_mod
+from dvs.vm import ksyms as ksyms_mod
 from dvs.vm.errors import GuestLayoutError, KernelNotFound, TranslationFault
 from dvs.vm.kallsyms import Kallsyms
 from dvs.vm.memory import (
@@ -165,6 +168,34 @@ class LinuxKernel:
 
     def read_u64(self, va: int) -> int:
         return int.from_bytes(self.read_va(va, 8), "little")
+
+    @functools.cached_property
+    def btf(self) -> btf_mod.Btf:
+        """The kernel's ``.BTF`` section (``__start_BTF``..``__stop_BTF``), parsed."""
+        start, stop = self.kallsyms.get("__start_BTF"), self.kallsyms.get("__stop_BTF")
+        if start is None or stop is None or not self.image.contains(start, stop - start):
+            hits = btf_mod.find_btf(self.image.data)
+            if not hits:
+                raise GuestLayoutError("the kernel has a .BTF section", "no BTF header found")
+            return btf_mod.Btf(self.image.data[hits[0] :])
+        return btf_mod.Btf(self.image.read(start, stop - start))
+
+    @functools.cached_property
+    def ksymtab(self) -> ksyms_mod.Ksymtab:
+        """Exported symbols, bounded by kallsyms when it names the tables, else scanned."""
+        bounds = {
+            name: self.kallsyms.get(name)
+            for name in (
+                "__start___ksymtab",
+                "__stop___ksymtab",
+                "__start___ksymtab_gpl",
+                "__stop___ksymtab_gpl",
+            )
+        }
+        if all(v is not None for v in bounds.values()):
+            known = {k: v for k, v in bounds.items() if v is not None}
+            return ksyms_mod.from_kallsyms(self.image.data, self.image.va, known)
+        return ksyms_mod.scan(self.image.data, self.image.va)
 
     def direct_map_va(self, pa: int) -> int:
         return self.page_offset_base + pa

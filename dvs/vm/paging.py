@@ -233,6 +233,31 @@ class PageTables:
             table = entry & PHYS_ADDR_MASK
         raise AssertionError("unreachable: level 1 always ends the walk")
 
+    def table_entry(self, va: int, level: int) -> tuple[int, int, int]:
+        """``(table address, index, entry)`` of the level-``level`` entry that maps ``va``.
+
+        Every level above must be a present non-leaf entry (``TranslationFault`` or
+        ``GuestLayoutError`` otherwise); the entry itself may be anything.
+        """
+        if not is_canonical(va, self.mode):
+            raise GuestLayoutError(
+                "virtual addresses are canonical", f"{va:#x} in {self.mode.va_bits}-bit paging"
+            )
+        table = self.root
+        for current in range(int(self.mode), level - 1, -1):
+            index = (va >> (12 + 9 * (current - 1))) & 0x1FF
+            entry = self._read_table_entry(table, index, current, va)
+            if current == level:
+                return table, index, entry
+            if not entry & PTE_PRESENT:
+                raise TranslationFault(va, current, entry)
+            if entry & PTE_PS:
+                raise GuestLayoutError(
+                    "the walk reaches the requested level", f"level-{current} leaf {entry:#x}"
+                )
+            table = entry & PHYS_ADDR_MASK
+        raise ValueError(f"level {level} is not in {int(self.mode)}-level paging")
+
     def try_translate(self, va: int) -> Translation | None:
         try:
             return self.translate(va)
