@@ -149,7 +149,7 @@ def _tokens_with_index(buf: bytes, start: int) -> tuple[list[bytes], int] | None
     return None
 
 
-def _token_table_at(buf: bytes, digits: int) -> tuple[int, int, list[bytes]] | None:
+def token_table_at(buf: bytes, digits: int) -> tuple[int, int, list[bytes]] | None:
     """Validate a digit-signature hit; return (token_table, token_index, tokens)."""
     start = digits
     for _ in range(0x30):  # walk back over the 48 tokens before "0"
@@ -167,7 +167,7 @@ def find_token_tables(buf: bytes) -> list[tuple[int, int]]:
     found = []
     hit = buf.find(DIGIT_TOKENS)
     while hit >= 0:
-        table = _token_table_at(buf, hit)
+        table = token_table_at(buf, hit)
         if table is not None:
             found.append((table[0], table[1]))
         hit = buf.find(DIGIT_TOKENS, hit + 1)

@@ -214,19 +214,27 @@ class _Candidate:
     kallsyms: Kallsyms
     window_start: int
     """Host address of byte 0 of the buffer kallsyms was parsed from."""
+    banners: list[int]
+    """Host addresses of "Linux version " strings in that buffer."""
 
 
 def find_kernel(pid: int) -> LinuxKernel:
     """Locate and validate the Linux kernel running in hypervisor process ``pid``."""
     process = HypervisorProcess.of(pid)
     candidates = ram_candidates(read_maps(pid))
-    view = HostView(pid, candidates)
-    hits = view.scan([kallsyms_mod.DIGIT_TOKENS, BANNER_PREFIX], limit=256)
+    return locate_kernel(process, HostView(pid, candidates))
+
+
+def locate_kernel(process: HypervisorProcess, view: HostView) -> LinuxKernel:
+    """The search of ``find_kernel`` over any host view (a live process or a mapped core)."""
     reasons: list[str] = []
-    for parsed in _kallsyms_candidates(view, hits[kallsyms_mod.DIGIT_TOKENS], reasons):
-        banners = [h for h in hits[BANNER_PREFIX] if parsed.mapping.contains(h)]
+    seen: set[int] = set()
+    for hit in view.scan(kallsyms_mod.DIGIT_TOKENS):
+        parsed = _kallsyms_candidate(view, hit, seen, reasons)
+        if parsed is None:
+            continue
         try:
-            return _anchor_and_validate(process, view, parsed, banners)
+            return _anchor_and_validate(process, view, parsed)
         except (GuestLayoutError, GuestMemoryFault, TranslationFault) as exc:
             reasons.append(f"kallsyms at {parsed.window_start:#x}: {exc}")
     sizes = ", ".join(f"{m.start:#x}+{m.size >> 20} MiB" for m in view.candidates)
@@ -234,45 +242,48 @@ def find_kernel(pid: int) -> LinuxKernel:
     raise KernelNotFound(f"searched {len(view.candidates)} RAM candidates ({sizes}): {detail}")
 
 
-def _kallsyms_candidates(view: HostView, digit_hits: list[int], reasons: list[str]) -> list[_Candidate]:
-    found: list[_Candidate] = []
-    seen_tables: set[int] = set()
-    for hit in digit_hits:
-        mapping = view.mapping_of(hit)
-        if mapping is None:
-            continue
-        lo, small = view.read_clipped(hit - 0x4000, 0x8000)
-        table = kallsyms_mod._token_table_at(small, hit - lo)
-        if table is None:
-            continue
-        table_host = lo + table[0]
-        if table_host in seen_tables:
-            continue
-        seen_tables.add(table_host)
-        start, window = view.read_clipped(
-            hit - _KALLSYMS_WINDOW_BEFORE, _KALLSYMS_WINDOW_BEFORE + _KALLSYMS_WINDOW_AFTER
-        )
-        try:
-            parsed = kallsyms_mod.parse(window, table_host - start, lo + table[1] - start)
-        except GuestLayoutError as exc:
-            reasons.append(f"token table at {table_host:#x}: {exc}")
-            continue
-        missing = [s for s in _REQUIRED_SYMBOLS if s not in parsed]
-        if missing:
-            reasons.append(f"kallsyms at {table_host:#x} lacks {', '.join(missing)}")
-            continue
-        found.append(_Candidate(mapping, parsed, start))
-    return found
+def _kallsyms_candidate(
+    view: HostView, hit: int, seen: set[int], reasons: list[str]
+) -> _Candidate | None:
+    mapping = view.mapping_of(hit)
+    if mapping is None:
+        return None
+    lo, small = view.read_clipped(hit - 0x4000, 0x8000)
+    table = kallsyms_mod.token_table_at(small, hit - lo)
+    if table is None:
+        return None
+    table_host = lo + table[0]
+    if table_host in seen:
+        return None
+    seen.add(table_host)
+    start, window = view.read_clipped(
+        hit - _KALLSYMS_WINDOW_BEFORE, _KALLSYMS_WINDOW_BEFORE + _KALLSYMS_WINDOW_AFTER
+    )
+    try:
+        parsed = kallsyms_mod.parse(window, table_host - start, lo + table[1] - start)
+    except GuestLayoutError as exc:
+        reasons.append(f"token table at {table_host:#x}: {exc}")
+        return None
+    missing = [s for s in _REQUIRED_SYMBOLS if s not in parsed]
+    if missing:
+        reasons.append(f"kallsyms at {table_host:#x} lacks {', '.join(missing)}")
+        return None
+    banners = []
+    pos = window.find(BANNER_PREFIX)
+    while pos >= 0:
+        banners.append(start + pos)
+        pos = window.find(BANNER_PREFIX, pos + 1)
+    return _Candidate(mapping, parsed, start, banners)
 
 
 def _anchor_and_validate(
-    process: HypervisorProcess, view: HostView, cand: _Candidate, banners: list[int]
+    process: HypervisorProcess, view: HostView, cand: _Candidate
 ) -> LinuxKernel:
     ks = cand.kallsyms
     text_va = ks.lookup("_text")
     banner_va = ks.lookup("linux_banner")
     errors = []
-    for banner_host in banners:
+    for banner_host in cand.banners:
         text_host = banner_host - (banner_va - text_va)
         try:
             return _validate(process, view, cand, text_host)

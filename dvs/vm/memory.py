@@ -23,10 +23,16 @@ which lets the finder scan and read a mapping before any GPA is known.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from dvs.errors import TargetGone, TargetNotFound
 from dvs.lowlevel.guestmem import MAX_REGIONS, GuestMemory, Region
@@ -38,6 +44,8 @@ MIN_RAM_MAPPING = 16 << 20
 _SHARED_RAM_PREFIXES = ("/memfd:", "/dev/shm/", "/dev/hugepages", "/hugetlbfs", "/SYSV")
 
 FOUR_GIB = 1 << 32
+PAGE = 4096
+PFN_MASK = (1 << 55) - 1
 
 
 @dataclass(frozen=True)
@@ -164,13 +172,87 @@ class HypervisorProcess:
         return cls(pid=pid, comm=comm, exe=exe, kind=kind)
 
 
+def _zero_page_frames() -> set[int]:
+    """Page frames of the shared zero page (and the huge zero page), seen from this process.
+
+    A read of never-written anonymous memory maps these frames; they hold no guest data, so
+    scans skip them. Needs root for real PFNs in pagemap; returns an empty set otherwise.
+    """
+    frames: set[int] = set()
+    size = 4 << 20
+    try:
+        area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return frames
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+        huge = (base + (2 << 20) - 1) & ~((2 << 20) - 1)
+        with contextlib.suppress(OSError, AttributeError):
+            area.madvise(mmap.MADV_HUGEPAGE, huge - base, 2 << 20)
+        _ = area[0], area[huge - base]
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            for address, count in ((base, 1), (huge, 512)):
+                pagemap.seek(address // PAGE * 8)
+                for (entry,) in struct.iter_unpack("<Q", pagemap.read(8 * count)):
+                    if entry >> 63 & 1 and entry & PFN_MASK:
+                        frames.add(entry & PFN_MASK)
+    except (OSError, ValueError, TypeError):
+        pass
+    finally:
+        with contextlib.suppress(BufferError):
+            area.close()
+    return frames
+
+
+def data_ranges(pid: int, mapping: HostMapping) -> list[tuple[int, int]]:
+    """Host ranges of ``mapping`` that can hold data: pages present (not the zero page) or swapped.
+
+    Falls back to the whole mapping when pagemap is unreadable.
+    """
+    zero = _zero_page_frames()
+    try:
+        with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            pagemap.seek(mapping.start // PAGE * 8)
+            raw = pagemap.read(mapping.size // PAGE * 8)
+    except OSError:
+        return [(mapping.start, mapping.end)]
+    if len(raw) != mapping.size // PAGE * 8:
+        return [(mapping.start, mapping.end)]
+    entries = np.frombuffer(raw, dtype="<u8")
+    present = (entries >> np.uint64(63)) & np.uint64(1) != 0
+    swapped = (entries >> np.uint64(62)) & np.uint64(1) != 0
+    frames = entries & np.uint64(PFN_MASK)
+    if zero:
+        present &= ~np.isin(frames, np.array(sorted(zero), dtype=np.uint64))
+    useful = np.concatenate([[False], present | swapped, [False]])
+    edges = np.diff(useful.astype(np.int8))
+    starts = np.nonzero(edges == 1)[0]
+    ends = np.nonzero(edges == -1)[0]
+    return [
+        (mapping.start + int(a) * PAGE, mapping.start + int(b) * PAGE)
+        for a, b in zip(starts, ends, strict=True)
+    ]
+
+
 class HostView:
     """Bounded reads of host-virtual addresses inside the RAM candidates of ``pid``."""
 
-    def __init__(self, pid: int, candidates: Sequence[HostMapping]) -> None:
+    def __init__(
+        self,
+        pid: int,
+        candidates: Sequence[HostMapping],
+        *,
+        use_pagemap: bool = True,
+        data_runs: dict[int, list[tuple[int, int]]] | None = None,
+    ) -> None:
+        """``pid`` 0 reads this process (a core file mapped here); ``use_pagemap`` skips
+        pages the hypervisor never populated (only meaningful for anonymous memory)."""
         if not candidates:
             raise RamNotFound(str(pid), ["no readable, writable, non-executable mapping >= 16 MiB"])
         self.pid = pid
+        self.use_pagemap = use_pagemap and pid > 0
+        self.data_runs = data_runs or {}
+        """Known data ranges per mapping start (e.g. the non-hole parts of a sparse core)."""
         self.candidates = tuple(sorted(candidates, key=lambda m: m.start)[:MAX_REGIONS])
         self.mem = GuestMemory([Region(m.start, m.size, m.start) for m in self.candidates], pid)
 
@@ -192,28 +274,30 @@ class HostView:
         hi = min(mapping.end, address + length)
         return lo, self.mem.read(lo, hi - lo) if hi > lo else b""
 
-    def scan(
-        self, needles: Sequence[bytes], chunk: int = 32 << 20, limit: int = 64
-    ) -> dict[bytes, list[int]]:
-        """Host addresses of every occurrence of each needle (at most ``limit`` each)."""
-        found: dict[bytes, list[int]] = {n: [] for n in needles}
-        overlap = max(len(n) for n in needles) - 1
+    def scan(self, needle: bytes, chunk: int = 32 << 20) -> Iterator[int]:
+        """Host addresses of ``needle`` in the candidates, lazily, skipping pages without data.
+
+        Mappings are searched largest first, in address order within each.
+        """
+        overlap = len(needle) - 1
         buf = bytearray(chunk + overlap)
-        for mapping in self.candidates:
-            for start in range(mapping.start, mapping.end, chunk):
-                length = min(chunk + overlap, mapping.end - start)
-                view = memoryview(buf)[:length]
-                self.mem.readinto(start, view)
-                for needle in needles:
-                    hits = found[needle]
+        for mapping in sorted(self.candidates, key=lambda m: -m.size):
+            if mapping.start in self.data_runs:
+                runs = self.data_runs[mapping.start]
+            elif self.use_pagemap:
+                runs = data_ranges(self.pid, mapping)
+            else:
+                runs = [(mapping.start, mapping.end)]
+            for run_start, run_end in runs:
+                for start in range(run_start, run_end, chunk):
+                    length = min(chunk + overlap, run_end - start)
+                    view = memoryview(buf)[:length]
+                    self.mem.readinto(start, view)
                     pos = buf.find(needle, 0, length)
-                    while pos >= 0 and len(hits) < limit:
-                        if pos < chunk or start + chunk >= mapping.end:
-                            address = start + pos
-                            if not hits or hits[-1] != address:
-                                hits.append(address)
+                    while pos >= 0:
+                        if pos < chunk:
+                            yield start + pos
                         pos = buf.find(needle, pos + 1, length)
-        return found
 
 
 @dataclass(frozen=True)
