@@ -57,6 +57,8 @@ START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
 KERNEL_IMAGE_SPAN = 1 << 30
 DEFAULT_PHYSICAL_START = 0x100_0000
 BANNER_PREFIX = b"Linux version "
+_MASK64 = (1 << 64) - 1
+"""``phys_base`` wraps (it is "negative") when the physical slide is below the virtual one."""
 
 _REQUIRED_SYMBOLS = ("_text", "_end", "linux_banner", "init_top_pgt", "phys_base")
 _KALLSYMS_WINDOW_BEFORE = 48 << 20
@@ -150,7 +152,7 @@ class LinuxKernel:
 
     def image_pa(self, va: int) -> int:
         """``__pa_symbol``: the physical address of an address inside the kernel image."""
-        return va - START_KERNEL_MAP + self.phys_base
+        return (va - START_KERNEL_MAP + self.phys_base) & _MASK64
 
     def translate(self, va: int) -> Translation:
         return self.page_tables.translate(va)
@@ -311,14 +313,14 @@ def _validate(
         return int.from_bytes(view.read(text_host + ks.lookup(name) - text_va, 8), "little")
 
     phys_base = host_u64("phys_base")
-    text_pa = (text_va - START_KERNEL_MAP + phys_base) & ((1 << 64) - 1)
+    text_pa = (text_va - START_KERNEL_MAP + phys_base) & _MASK64
     if text_pa % (2 << 20) or text_pa >= 1 << 52:
         raise GuestLayoutError(
             "the kernel is loaded at a 2 MiB-aligned physical address",
             f"phys_base {phys_base:#x} puts _text at {text_pa:#x}",
         )
     root_va = ks.lookup("init_top_pgt")
-    root_pa = root_va - START_KERNEL_MAP + phys_base
+    root_pa = (root_va - START_KERNEL_MAP + phys_base) & _MASK64
     checks = [f"phys_base {phys_base:#x} places _text at physical {text_pa:#x}"]
 
     modes = [PagingMode.FOUR_LEVEL, PagingMode.FIVE_LEVEL]
