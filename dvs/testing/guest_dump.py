@@ -33,7 +33,9 @@ def saved_guest_dump() -> SavedDump:
     name = f"vm-guest-dump-v{DUMP_FORMAT}-{kit.root.name}"
     root = cache.artefact(name, _build)
     meta = json.loads((root / "dump.json").read_text())
-    return SavedDump(root / "guest.core", {k: int(v, 16) for k, v in meta["symbols"].items()}, meta["release"])
+    return SavedDump(
+        root / "guest.core", {k: int(v, 16) for k, v in meta["symbols"].items()}, meta["release"]
+    )
 
 
 def _build(out: Path) -> None:

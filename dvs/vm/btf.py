@@ -28,8 +28,22 @@ HEADER = b"\x9f\xeb\x01\x00\x18\x00\x00\x00"
 """Magic, version 1, flags 0, header length 24: the search signature."""
 
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_FWD = 1, 2, 3, 4, 5, 6, 7
-KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_FUNC, KIND_FUNC_PROTO = 8, 9, 10, 11, 12, 13
-KIND_VAR, KIND_DATASEC, KIND_FLOAT, KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 14, 15, 16, 17, 18, 19
+KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_FUNC, KIND_FUNC_PROTO = (
+    8,
+    9,
+    10,
+    11,
+    12,
+    13,
+)
+KIND_VAR, KIND_DATASEC, KIND_FLOAT, KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = (
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+)
 
 # Bytes that follow the 12-byte record: (fixed, per vlen item).
 _EXTRA: dict[int, tuple[int, int]] = {
@@ -160,12 +174,12 @@ class Btf:
                 return 0
             pos, _, kind, _, size_or_type = self._record(type_id)
             if kind in (KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FLOAT):
-                return size_or_type
+                return int(size_or_type)
             if kind == KIND_PTR:
                 return 8
             if kind == KIND_ARRAY:
                 elem, _, nelems = struct.unpack_from("<III", self.data, pos + 12)
-                return self.sizeof(elem) * nelems
+                return self.sizeof(int(elem)) * int(nelems)
             raise _bad(f"type {type_id} of kind {kind} has no size")
         raise _bad("size lookup does not terminate")
 
@@ -178,7 +192,9 @@ class Btf:
         for i in range(vlen):
             name_off, member_type, offset = struct.unpack_from("<III", self.data, pos + 12 + 12 * i)
             if kind_flag:
-                out.append(Member(self.string(name_off), member_type, offset & 0xFFFFFF, offset >> 24))
+                out.append(
+                    Member(self.string(name_off), member_type, offset & 0xFFFFFF, offset >> 24)
+                )
             else:
                 out.append(Member(self.string(name_off), member_type, offset, 0))
         return out
@@ -191,7 +207,9 @@ class Btf:
         for part in path.split("."):
             found = self._find_member(current, part, 0)
             if found is None:
-                raise KeyError(f"{self.name(self.resolve(current)) or 'anonymous'} has no member {part!r}")
+                raise KeyError(
+                    f"{self.name(self.resolve(current)) or 'anonymous'} has no member {part!r}"
+                )
             member, extra = found
             bit_offset += extra + member.bit_offset
             current = member.type_id
@@ -204,7 +222,10 @@ class Btf:
         for member in self.members(type_id):
             if member.name == name:
                 return member, 0
-            if not member.name and self.kind(self.resolve(member.type_id)) in (KIND_STRUCT, KIND_UNION):
+            if not member.name and self.kind(self.resolve(member.type_id)) in (
+                KIND_STRUCT,
+                KIND_UNION,
+            ):
                 inner = self._find_member(member.type_id, name, depth + 1)
                 if inner is not None:
                     return inner[0], inner[1] + member.bit_offset
@@ -223,7 +244,7 @@ class Btf:
         for i in range(vlen):
             name_off, value = struct.unpack_from("<Ii", self.data, pos + 12 + 8 * i)
             if self.string(name_off) == enumerator:
-                return value
+                return int(value)
         raise KeyError(f"enum {enum_name} has no {enumerator}")
 
 

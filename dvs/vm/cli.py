@@ -52,11 +52,12 @@ def _inject_test(args: argparse.Namespace) -> int:
         result = loader.inject(marker, timeout=args.timeout)
         results.append(result)
         if not args.json:
+            notes = "".join(f"; {note}" for note in result.notes)
             print(
                 f"run {run + 1}: marker {result.marker!r} printed after "
                 f"{result.seconds_to_marker:.3f} s (entry {result.entry_va:#x}, "
                 f"{result.calls} call, slot restored by the payload: "
-                f"{result.restored_by_payload}){'; ' + '; '.join(result.notes) if result.notes else ''}"
+                f"{result.restored_by_payload}){notes}"
             )
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=2))

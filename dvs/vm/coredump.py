@@ -71,8 +71,11 @@ class CoreSegment:
 
 def _note(name: bytes, note_type: int, desc: bytes) -> bytes:
     name_z = name + b"\0"
-    pad = lambda b: b + b"\0" * (-len(b) % 4)  # noqa: E731 - a tiny local helper
-    return struct.pack("<III", len(name_z), len(desc), note_type) + pad(name_z) + pad(desc)
+    return struct.pack("<III", len(name_z), len(desc), note_type) + _pad4(name_z) + _pad4(desc)
+
+
+def _pad4(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 4)
 
 
 def prstatus(vcpu: VcpuRegisters) -> bytes:
@@ -80,7 +83,9 @@ def prstatus(vcpu: VcpuRegisters) -> bytes:
     head += struct.pack("<QQ", 0, 0)
     head += struct.pack("<iiii", vcpu.index + 1, 0, 0, 0)  # pid: vCPU number + 1, as QEMU
     head += b"\0" * 64  # four struct timeval
-    regs = struct.pack("<27Q", *(vcpu.registers.get(r, 0) & (2**64 - 1) for r in PRSTATUS_REGISTERS))
+    regs = struct.pack(
+        "<27Q", *(vcpu.registers.get(r, 0) & (2**64 - 1) for r in PRSTATUS_REGISTERS)
+    )
     return head + regs + struct.pack("<ii", 0, 0)
 
 
@@ -138,13 +143,17 @@ def write_core(
             if seg.paddr <= kernel.text_pa < seg.paddr + seg.filesz:
                 image_offset = seg.offset + kernel.text_pa - seg.paddr
                 segments.append(
-                    CoreSegment(kernel.text_va, kernel.text_pa, image_offset, len(kernel.image.data))
+                    CoreSegment(
+                        kernel.text_va, kernel.text_pa, image_offset, len(kernel.image.data)
+                    )
                 )
                 break
         else:
             n_phdrs -= 1
     header = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
-    header += struct.pack("<HHIQQQIHHHHHH", ET_CORE, EM_X86_64, 1, 0, 64, 0, 0, 64, 56, n_phdrs, 0, 0, 0)
+    header += struct.pack(
+        "<HHIQQQIHHHHHH", ET_CORE, EM_X86_64, 1, 0, 64, 0, 0, 64, 56, n_phdrs, 0, 0, 0
+    )
     phdrs = struct.pack("<IIQQQQQQ", PT_NOTE, 0, note_offset, 0, 0, len(notes), 0, 4)
     for seg in segments:
         phdrs += struct.pack(

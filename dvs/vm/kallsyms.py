@@ -101,10 +101,7 @@ class Kallsyms:
 
     def items(self) -> Iterator[tuple[str, str, int]]:
         """``(name, type letter, address)`` in address order."""
-        for name, kind, address in zip(
-            self.names, self.types, self.addresses.tolist(), strict=True
-        ):
-            yield name, kind, address
+        yield from zip(self.names, self.types, self.addresses.tolist(), strict=True)
 
     def symbolize(self, address: int) -> tuple[str, int] | None:
         """The symbol at or below ``address`` and the offset into it."""
@@ -315,7 +312,7 @@ def _finish(
         values = _addresses(buf, addresses_pos, count, base_pos2)
         if values is None:
             continue
-        addresses, absolute_percpu = values
+        symbol_addresses, absolute_percpu = values
         decoded = [n.decode("ascii", "replace") for n in raw_names]
         layout = KallsymsLayout(
             token_table=token_table,
@@ -332,7 +329,7 @@ def _finish(
         return Kallsyms(
             names=[d[1:] for d in decoded],
             types="".join(d[:1] for d in decoded),
-            addresses=addresses,
+            addresses=symbol_addresses,
             layout=layout,
             relative_base=None if base_pos2 is None else _u64(buf, base_pos2),
         )

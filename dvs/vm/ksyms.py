@@ -24,6 +24,7 @@ restarts (``__ksymtab`` then ``__ksymtab_gpl``). The two must agree; tests check
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -89,18 +90,21 @@ def _cstring(data: bytes, offset: int) -> bytes | None:
     return None if end < 0 else data[offset:end]
 
 
-def _entry(
-    data: bytes, base_va: int, pos: int, fmt: str
-) -> tuple[bytes, int, bytes] | None:
+def _entry(data: bytes, base_va: int, pos: int, fmt: str) -> tuple[bytes, int, bytes] | None:
     """Decode one entry at byte ``pos`` of ``data`` (the image at ``base_va``)."""
     size, prel = FORMATS[fmt]
     if pos < 0 or pos + size > len(data):
         return None
     if prel:
-        fields = [int.from_bytes(data[pos + 4 * i : pos + 4 * i + 4], "little", signed=True) for i in range(size // 4)]
+        fields = [
+            int.from_bytes(data[pos + 4 * i : pos + 4 * i + 4], "little", signed=True)
+            for i in range(size // 4)
+        ]
         targets = [(base_va + pos + 4 * i + f) & _MASK64 for i, f in enumerate(fields)]
     else:
-        targets = [int.from_bytes(data[pos + 8 * i : pos + 8 * i + 8], "little") for i in range(size // 8)]
+        targets = [
+            int.from_bytes(data[pos + 8 * i : pos + 8 * i + 8], "little") for i in range(size // 8)
+        ]
     name = _string_at(data, targets[1] - base_va)
     if name is None:
         return None
@@ -113,11 +117,15 @@ def _entry(
     return name, targets[0], namespace
 
 
-def parse_table(data: bytes, base_va: int, start_va: int, stop_va: int, *, gpl: bool, fmt: str | None = None) -> tuple[str, list[ExportedSymbol]]:
+def parse_table(
+    data: bytes, base_va: int, start_va: int, stop_va: int, *, gpl: bool, fmt: str | None = None
+) -> tuple[str, list[ExportedSymbol]]:
     """Decode ``[start_va, stop_va)`` of the image; the format is detected if not given."""
     length = stop_va - start_va
     if length < 0 or start_va < base_va or stop_va > base_va + len(data):
-        raise GuestLayoutError("ksymtab lies inside the kernel image", f"{start_va:#x}..{stop_va:#x}")
+        raise GuestLayoutError(
+            "ksymtab lies inside the kernel image", f"{start_va:#x}..{stop_va:#x}"
+        )
     formats = [fmt] if fmt else list(FORMATS)
     for candidate in formats:
         size, _ = FORMATS[candidate]
@@ -138,13 +146,21 @@ def parse_table(data: bytes, base_va: int, start_va: int, stop_va: int, *, gpl: 
 
 def _sorted(symbols: list[ExportedSymbol]) -> bool:
     names = [s.name.encode() for s in symbols]
-    return all(a <= b for a, b in zip(names, names[1:]))
+    return all(a <= b for a, b in itertools.pairwise(names))
 
 
 def from_kallsyms(data: bytes, base_va: int, lookup: dict[str, int]) -> Ksymtab:
     """Both tables from their ``__start_``/``__stop_`` symbols (``lookup`` maps names to VAs)."""
     try:
-        bounds = [lookup[n] for n in ("__start___ksymtab", "__stop___ksymtab", "__start___ksymtab_gpl", "__stop___ksymtab_gpl")]
+        bounds = [
+            lookup[n]
+            for n in (
+                "__start___ksymtab",
+                "__stop___ksymtab",
+                "__start___ksymtab_gpl",
+                "__stop___ksymtab_gpl",
+            )
+        ]
     except KeyError as exc:
         raise GuestLayoutError("kallsyms names the ksymtab bounds", f"missing {exc}") from None
     fmt, plain = parse_table(data, base_va, bounds[0], bounds[1], gpl=False)
@@ -203,12 +219,21 @@ def scan(data: bytes, base_va: int, *, min_entries: int = 64) -> Ksymtab:
             break
         entries.append(entry)
     # The tables are each sorted: the first drop in name order starts __ksymtab_gpl.
-    split = next((i for i in range(1, len(entries)) if entries[i][0] < entries[i - 1][0]), len(entries))
+    split = next(
+        (i for i in range(1, len(entries)) if entries[i][0] < entries[i - 1][0]), len(entries)
+    )
     symbols = [
         ExportedSymbol(name.decode(), value, ns.decode("ascii", "replace"), i >= split)
         for i, (name, value, ns) in enumerate(entries)
     ]
-    return Ksymtab(fmt, tuple(symbols), base_va + start, base_va + start + split * size, split, len(symbols) - split)
+    return Ksymtab(
+        fmt,
+        tuple(symbols),
+        base_va + start,
+        base_va + start + split * size,
+        split,
+        len(symbols) - split,
+    )
 
 
 def _longest_run(flags: npt.NDArray[np.bool_]) -> tuple[int, int] | None:

@@ -78,11 +78,22 @@ from dvs.vm.paging import (
 )
 
 PAYLOAD_SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "guest" / "sideload"
-CFLAGS = (
-    "-ffreestanding -nostdlib -fPIC -fvisibility=hidden -mno-red-zone -mgeneral-regs-only "
-    "-fno-stack-protector -fcf-protection=branch -fno-jump-tables "
-    "-fno-asynchronous-unwind-tables -O2 -Wall -Wextra -Werror"
-).split()
+CFLAGS = [
+    "-ffreestanding",
+    "-nostdlib",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-mno-red-zone",
+    "-mgeneral-regs-only",
+    "-fno-stack-protector",
+    "-fcf-protection=branch",
+    "-fno-jump-tables",
+    "-fno-asynchronous-unwind-tables",
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+]
 
 SIDELOAD_MAGIC = 0x64766D736C6F6164
 STATE_ARMED, STATE_ENTERED, STATE_DONE = 0, 1, 2
@@ -253,9 +264,7 @@ def plan_low_pages(kernel: LinuxKernel, count: int) -> LowMemoryPlan:
         )
         if len(chosen) == count:
             return LowMemoryPlan(tuple(chosen), trampoline, ebda, reserved_bit)
-    raise SideloadError(
-        f"only {len(chosen)} of {count} provably unused pages below {ceiling:#x}"
-    )
+    raise SideloadError(f"only {len(chosen)} of {count} provably unused pages below {ceiling:#x}")
 
 
 def _page_up(value: int) -> int:

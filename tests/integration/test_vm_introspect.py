@@ -9,6 +9,7 @@ the guest or QEMU says: ``/proc/kallsyms`` and ``/proc/iomem`` read over the con
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import secrets
@@ -222,7 +223,9 @@ def test_sideload_20_times_on_a_long_running_guest(booted: Booted) -> None:
 # oops, BUG, WARNING, lockup or RCU stall; and every change is undone (the work function
 # pointer is the original one, the PMD entry we used is empty again).
 
-BAD_DMESG = re.compile(r"Oops|BUG:|WARNING:|soft lockup|hard LOCKUP|rcu_.*stall|general protection|Call Trace")
+BAD_DMESG = re.compile(
+    r"Oops|BUG:|WARNING:|soft lockup|hard LOCKUP|rcu_.*stall|general protection|Call Trace"
+)
 
 HEARTBEAT = (
     "setsid sh -c 'while :; do cut -d\" \" -f1 /proc/uptime >> /tmp/dvs-heartbeat; sleep 0.2; done'"
@@ -259,6 +262,6 @@ def run_sideload_series(guest: LinuxGuest, kernel: LinuxKernel, runs: int) -> No
     assert len(BAD_DMESG.findall(log)) == bad_before, log[-3000:]
     beats = [float(x) for x in guest.check("cat /tmp/dvs-heartbeat").split()]
     assert len(beats) > beats_before
-    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
     assert max(gaps) < 3.0, max(gaps)
     guest.check("pkill -f dvs-heartbeat || true")

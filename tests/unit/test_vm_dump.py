@@ -11,7 +11,13 @@ from dvs.testing.guest_dump import SavedDump, saved_guest_dump
 from dvs.vm.coredump import CoreFile, open_core_memory
 from dvs.vm.inspect import describe_kernel
 from dvs.vm.kernel import LinuxKernel, locate_kernel
-from dvs.vm.sideload import PAYLOAD_SOURCE, SIDELOAD_MAGIC, _plan_layout, build_payload, plan_low_pages
+from dvs.vm.sideload import (
+    PAYLOAD_SOURCE,
+    SIDELOAD_MAGIC,
+    _plan_layout,
+    build_payload,
+    plan_low_pages,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -46,7 +52,9 @@ def test_enumerated_mappings_cover_the_image_and_the_direct_map(kernel: LinuxKer
     assert text.executable and not text.writable and not text.user
     data = next(r for r in runs if r.contains(kernel.symbol("init_task")))
     assert data.writable and not data.executable
-    direct = [r for r in runs if kernel.page_offset_base <= r.va < kernel.page_offset_base + (1 << 40)]
+    direct = [
+        r for r in runs if kernel.page_offset_base <= r.va < kernel.page_offset_base + (1 << 40)
+    ]
     covered = sum(r.size for r in direct)
     assert 200 << 20 < covered <= 256 << 20
     assert all(r.pa == r.va - kernel.page_offset_base for r in direct)
@@ -66,11 +74,16 @@ def test_low_pages_are_proved_unused(kernel: LinuxKernel) -> None:
 def test_the_redirect_changes_one_byte_of_the_pointer(kernel: LinuxKernel) -> None:
     payload = build_payload()
     assert payload.text.startswith(b"\xf3\x0f\x1e\xfa")  # endbr64 at sideload_entry
-    assert int.from_bytes(payload.image[payload.data_offset : payload.data_offset + 8], "little") == SIDELOAD_MAGIC
+    assert (
+        int.from_bytes(payload.image[payload.data_offset : payload.data_offset + 8], "little")
+        == SIDELOAD_MAGIC
+    )
     assert (PAYLOAD_SOURCE / "payload.c").exists()
     original = kernel.symbol("vmstat_shepherd")
     layout = _plan_layout(kernel, original, payload)
-    differing = [i for i in range(8) if (layout.entry_va >> 8 * i) & 0xFF != (original >> 8 * i) & 0xFF]
+    differing = [
+        i for i in range(8) if (layout.entry_va >> 8 * i) & 0xFF != (original >> 8 * i) & 0xFF
+    ]
     assert differing == [3]
     assert layout.entry_va < kernel.text_va
     assert layout.text_va % 4096 == 0 and layout.data_va == layout.text_va + payload.data_offset

@@ -61,7 +61,11 @@ def test_layouts() -> None:
     (only,) = linear_layout(mapping, mapping.start + 0x1200000, 0x1200000)
     assert (only.gpa, only.hva) == (0, mapping.start)
     (clipped,) = linear_layout(mapping, mapping.start + 0x3000000, 0x1000000)
-    assert (clipped.gpa, clipped.hva, clipped.size) == (0, mapping.start + 0x2000000, mapping.size - 0x2000000)
+    assert (clipped.gpa, clipped.hva, clipped.size) == (
+        0,
+        mapping.start + 0x2000000,
+        mapping.size - 0x2000000,
+    )
     with pytest.raises(ValueError):
         split_at_4g_layout(mapping, 5 << 30)
 

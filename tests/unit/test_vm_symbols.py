@@ -25,9 +25,11 @@ pytestmark = pytest.mark.timeout(300)
 class Vmlinux:
     def __init__(self, path: Path) -> None:
         data = path.read_bytes()
-        shoff, = struct.unpack_from("<Q", data, 0x28)
+        (shoff,) = struct.unpack_from("<Q", data, 0x28)
         shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-        headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        headers = [
+            struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
+        ]
         names = headers[shstrndx]
         strtab = data[names[4] : names[4] + names[5]]
         self.sections = {}
@@ -56,7 +58,9 @@ def symbols(vmlinux: Vmlinux) -> kallsyms.Kallsyms:
     return kallsyms.parse(vmlinux.image, *tables[0])
 
 
-def test_kallsyms_decodes_text_data_and_percpu_symbols(vmlinux: Vmlinux, symbols: kallsyms.Kallsyms) -> None:
+def test_kallsyms_decodes_text_data_and_percpu_symbols(
+    vmlinux: Vmlinux, symbols: kallsyms.Kallsyms
+) -> None:
     assert len(symbols) > 50000
     assert symbols.relative_base == vmlinux.base
     assert symbols.lookup("_text") == vmlinux.base
