@@ -45,6 +45,8 @@ DIGIT_TOKENS = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00"
 
 _KERNEL_HALF = 0xFFFF_8000_0000_0000
 _MAX_SYMBOLS = 1 << 22
+_MARKER_WINDOW = 16 << 20
+"""How far before the token table the markers may start (names + seqs of 4M symbols)."""
 
 
 def _bad(detail: str) -> GuestLayoutError:
@@ -188,9 +190,10 @@ def _markers_before(buf: bytes, token_table: int) -> list[tuple[int, int]]:
 
     Markers start with 0 and grow by the encoded size of 256 names each (at least 512
     bytes, at most 256 * 130). The array is followed by padding, optionally by
-    ``seqs_of_names`` (3 bytes per symbol), then the token table.
+    ``seqs_of_names`` (3 bytes per symbol), then the token table. Vectorised: a Python loop
+    over every zero word of a megabytes-long window would dominate the whole search.
     """
-    window = min(token_table, 48 << 20) & ~3
+    window = min(token_table, _MARKER_WINDOW) & ~3
     base = token_table - window
     base += (-base) % 4
     words = np.frombuffer(buf, dtype="<u4", count=(token_table - base) // 4, offset=base)
@@ -198,20 +201,19 @@ def _markers_before(buf: bytes, token_table: int) -> list[tuple[int, int]]:
         return []
     diffs = np.diff(words.astype(np.int64))
     good = (diffs >= 512) & (diffs <= 256 * 130)
-    zeros = np.nonzero(words[:-1] == 0)[0]
-    found = []
-    for z in zeros.tolist():
-        if not good[z]:
-            continue
-        run = good[z:]
-        stop = int(np.argmin(run)) if not run.all() else len(run)
-        count = stop + 1
-        end = base + 4 * (z + count)
-        tail = token_table - end
-        # either only padding, or seqs_of_names (3 bytes per symbol, N in (256(c-1), 256c]).
-        if tail <= 8 or 3 * 256 * (count - 1) < tail <= 3 * 256 * count + 16:
-            found.append((base + 4 * z, count))
-    return found
+    starts = np.nonzero((words[:-1] == 0) & good)[0]
+    if len(starts) == 0:
+        return []
+    breaks = np.concatenate([np.nonzero(~good)[0], [len(good)]])
+    counts = breaks[np.searchsorted(breaks, starts)] - starts + 1
+    ends = base + 4 * (starts + counts)
+    tails = token_table - ends
+    low = 3 * 256 * (counts - 1)
+    fits = (tails <= 8) | ((tails > low) & (tails <= low + 3 * 256 + 16))
+    return [
+        (base + 4 * int(z), int(c))
+        for z, c in zip(starts[fits].tolist(), counts[fits].tolist(), strict=True)
+    ]
 
 
 def _decode_names(

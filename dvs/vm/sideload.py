@@ -286,6 +286,8 @@ class SideloadResult:
     seconds_total: float
     proof: LowMemoryPlan
     notes: list[str] = field(default_factory=list)
+    done_at: float = 0.0
+    """``time.monotonic()`` when the payload reported that printk returned."""
 
 
 @dataclass(frozen=True)
@@ -421,7 +423,8 @@ class Sideloader:
                     f"the payload did not finish within {timeout:.0f} s (state {state}, "
                     f"{calls} calls)"
                 )
-            result.seconds_to_marker = time.monotonic() - armed_at
+            result.done_at = time.monotonic()
+            result.seconds_to_marker = result.done_at - armed_at
             # Wait until the kworker has left our pages: vmstat_shepherd re-arms its timer
             # only after our tail jump reached it.
             while time.monotonic() < deadline:
