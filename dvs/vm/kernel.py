@@ -30,7 +30,6 @@ cache) fails the page-table checks and is skipped.
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass, field
 
 from dvs.lowlevel.guestmem import GuestMemoryFault
@@ -304,7 +303,7 @@ def _validate(
     mapping = cand.mapping
     text_va = ks.lookup("_text")
     end_va = ks.lookup("_end")
-    if not START_KERNEL_MAP <= text_va < end_va <= START_KERNEL_MAP + KERNEL_IMAGE_SPAN + (1 << 30):
+    if not START_KERNEL_MAP <= text_va < START_KERNEL_MAP + KERNEL_IMAGE_SPAN or end_va <= text_va:
         raise GuestLayoutError("_text.._end lies in the kernel image window", f"{text_va:#x}")
     if not (mapping.start <= text_host and text_host + (end_va - text_va) <= mapping.end):
         raise GuestLayoutError("the image lies inside one RAM mapping", f"_text at {text_host:#x}")
@@ -493,7 +492,3 @@ def _read_vmcoreinfo(kernel: LinuxKernel, tables: PageTables) -> dict[str, str]:
         if sep:
             info[key] = value
     return info
-
-
-def u32_at(data: bytes, offset: int) -> int:
-    return int(struct.unpack_from("<I", data, offset)[0])

@@ -361,7 +361,8 @@ class Sideloader:
     def _pa(self, va: int) -> int:
         return self.kernel.image_pa(va)
 
-    def _slot(self) -> int:
+    def current_slot(self) -> int:
+        """The redirected function pointer's value right now."""
         return int.from_bytes(self.mem.read(self._pa(self.slot_va), 8), "little")
 
     def _args_state(self, data_pa: int) -> tuple[int, int, int]:
@@ -379,7 +380,7 @@ class Sideloader:
         """Run the payload once; always undo every change before returning or raising."""
         started = time.monotonic()
         marker = marker or f"dvs-sideload {secrets.token_hex(6)}"
-        original = self._slot()
+        original = self.current_slot()
         if original != self.function_va:
             raise SideloadError(
                 f"{self.target.work_symbol}.work.func is {original:#x}, expected "
@@ -428,7 +429,8 @@ class Sideloader:
             # Wait until the kworker has left our pages: vmstat_shepherd re-arms its timer
             # only after our tail jump reached it.
             while time.monotonic() < deadline:
-                if self.mem.read_u64(expires_pa) != expires_before and self._slot() == original:
+                rearmed = self.mem.read_u64(expires_pa) != expires_before
+                if rearmed and self.current_slot() == original:
                     break
                 time.sleep(0.002)
             else:
@@ -511,7 +513,7 @@ class Sideloader:
         result: SideloadResult,
     ) -> None:
         if armed:
-            if self._slot() != original:
+            if self.current_slot() != original:
                 self.mem.write(self._pa(self.slot_va) + 3, bytes([(original >> 24) & 0xFF]))
                 result.notes.append("the host restored the function pointer")
             # A kworker may have read the redirected pointer just before the restore; give it

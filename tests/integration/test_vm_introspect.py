@@ -208,6 +208,37 @@ def test_coredump_is_readable_by_gdb_and_by_the_finder(booted: Booted, tmp_path:
     del keep
 
 
+@pytest.mark.parametrize("booted", ["1G-2cpu-memfd"], indirect=True)
+def test_inject_test_and_coredump_commands(booted: Booted, tmp_path: Path) -> None:
+    pid = str(booted.guest.pid)
+    booted.guest.check("dmesg -n 1")
+    run = subprocess.run(
+        [sys.executable, "-m", "dvs", "vm", "inject-test", pid, "--count", "2", "--marker", "cli"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "run 2: marker 'cli 2/2' printed" in run.stdout
+    assert "PG_reserved" in run.stdout
+    log = booted.guest.check("dmesg")
+    assert "cli 1/2\n" in log and "cli 2/2\n" in log
+    core = tmp_path / "vm.core"
+    dump = subprocess.run(
+        [sys.executable, "-m", "dvs", "vm", "coredump", pid, str(core), "--pause"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert dump.returncode == 0, dump.stderr
+    regions = CoreFile.open(core).physical_regions()
+    assert [(r.paddr, r.filesz) for r in regions] == [
+        (r.gpa, r.size) for r in booted.kernel.ram.regions
+    ]
+    assert booted.guest.qmp("query-status")["status"] == "running"  # SIGCONT after the copy
+    bad = subprocess.run(
+        [sys.executable, "-m", "dvs", "vm", "inspect", str(2**22 + 7)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "dvs: error:" in bad.stderr
+
+
 @pytest.mark.parametrize("booted", ["512M-1cpu"], indirect=True)
 def test_sideload_20_times_on_a_long_running_guest(booted: Booted) -> None:
     """Last test on the 1-vCPU guest: it has been up through every test above."""
@@ -250,7 +281,7 @@ def run_sideload_series(guest: LinuxGuest, kernel: LinuxKernel, runs: int) -> No
         guest.check("dmesg -n 1")
     for result in results:
         assert result.calls == 1 and result.restored_by_payload and not result.notes, result
-        assert loader._slot() == loader.function_va
+        assert loader.current_slot() == loader.function_va
     tables = kernel.page_tables
     _, _, pmd = tables.table_entry(results[-1].entry_va, 2)
     assert pmd == 0
