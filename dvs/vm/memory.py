@@ -209,6 +209,8 @@ def data_ranges(pid: int, mapping: HostMapping) -> list[tuple[int, int]]:
 
     Falls back to the whole mapping when pagemap is unreadable.
     """
+    if pid <= 0:
+        return [(mapping.start, mapping.end)]
     zero = _zero_page_frames()
     try:
         with open(f"/proc/{pid}/pagemap", "rb") as pagemap:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from dvs.testing.guest_dump import SavedDump, saved_guest_dump
-from dvs.vm.coredump import CoreFile, open_core_memory
+from dvs.vm.coredump import CoreFile, VcpuRegisters, open_core_memory, write_core
 from dvs.vm.inspect import describe_kernel
 from dvs.vm.kernel import LinuxKernel, locate_kernel
 from dvs.vm.sideload import (
@@ -87,3 +89,21 @@ def test_the_redirect_changes_one_byte_of_the_pointer(kernel: LinuxKernel) -> No
     assert differing == [3]
     assert layout.entry_va < kernel.text_va
     assert layout.text_va % 4096 == 0 and layout.data_va == layout.text_va + payload.data_offset
+
+
+def test_a_core_with_vcpu_registers_is_read_by_gdb(kernel: LinuxKernel, tmp_path: Path) -> None:
+    """vCPU notes (NT_PRSTATUS) are written when registers are known; gdb shows them."""
+    registers = {"rip": kernel.symbol("_printk"), "rsp": 0xFFFF_C900_0001_3F58, "rax": 42}
+    core = tmp_path / "again.core"
+    write_core(kernel.ram, core, kernel=kernel, vcpus=[VcpuRegisters(0, registers)])
+    parsed = CoreFile.open(core)
+    assert parsed.note("CORE", 1) is not None
+    gdb = subprocess.run(
+        ["gdb", "-q", "-batch", "-ex", "info registers rip rsp rax", "-c", str(core)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert f"{registers['rip']:#x}" in gdb.stdout, gdb.stdout + gdb.stderr
+    assert "0xffffc90000013f58" in gdb.stdout and "0x2a" in gdb.stdout
