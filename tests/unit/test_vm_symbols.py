@@ -166,3 +166,23 @@ def test_corrupted_btf_gives_typed_errors(vmlinux: Vmlinux, at: int, junk: bytes
                 pass
     except GuestLayoutError:
         pass
+
+
+def test_kallsyms_layout_of_newer_kernels(symbols: kallsyms.Kallsyms, vmlinux: Vmlinux) -> None:
+    """6.4+ moved offsets and relative_base behind the token index ("layout B"): rebuild the
+    tables in that order from the 6.1 image and decode them again."""
+    lay = symbols.layout
+    image = vmlinux.image
+    count = len(symbols)
+    assert lay.relative_base is not None and lay.names % 8 == 0
+    body = image[lay.names : lay.token_index + 512]
+    buf = bytearray(struct.pack("<II", count, 0)) + body
+    buf += b"\0" * (-len(buf) % 8)
+    buf += image[lay.addresses : lay.addresses + 4 * count]
+    buf += b"\0" * (-len(buf) % 8)
+    buf += image[lay.relative_base : lay.relative_base + 8]
+    shift = 8 - lay.names
+    moved = kallsyms.parse(bytes(buf), lay.token_table + shift, lay.token_index + shift)
+    assert moved.layout.layout == "B"
+    assert moved.names == symbols.names
+    assert (moved.addresses == symbols.addresses).all()
