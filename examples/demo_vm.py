@@ -21,5 +21,7 @@ def run() -> None:
         for argv in (["inspect"], ["inject-test", "--marker", "hello from dvs"]):
             command = [sys.executable, "-m", "dvs", "vm", argv[0], str(guest.pid), *argv[1:]]
             print(f"\n$ dvs vm {argv[0]} {guest.pid} {' '.join(argv[1:])}".rstrip())
-            print(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            print(done.stdout + done.stderr)
+            done.check_returncode()
         print("guest dmesg:", guest.check("dmesg | grep 'hello from dvs'").strip())
