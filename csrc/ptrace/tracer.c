@@ -352,9 +352,12 @@ static void defer_signal(struct hv_tracer *tr, struct hv_thread *t, int sig)
 
 /* The registers the thread must get back so that it continues exactly as it would have:
  * if its stop interrupted a restartable syscall, perform the kernel's restart ourselves
- * (rip back onto the syscall instruction, rax = the syscall number, orig_rax = -1) because
- * the thread will leave a syscall-exit stop of *our* syscall, where the kernel no longer
- * looks at restart codes. */
+ * (rip back onto the syscall instruction, rax = the syscall number, orig_rax = -1). The
+ * thread leaves from the syscall-exit stop of *our* last syscall, and the kernel only looks
+ * at restart codes on the way out when a signal is pending: PTRACE_DETACH sets
+ * TIF_SIGPENDING (so the kernel would restart it anyway), PTRACE_CONT/SYSCALL do not (the
+ * thread would return -ERESTARTSYS = -512 to user space). orig_rax = -1 keeps the kernel
+ * from restarting a second time. */
 static void resume_form(const struct user_regs_struct *at_stop, struct user_regs_struct *out)
 {
 	*out = *at_stop;

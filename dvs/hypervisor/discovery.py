@@ -118,6 +118,10 @@ def _fd_links(pid: int) -> dict[int, str]:
             links[int(name)] = os.readlink(f"{base}/{name}")
         except (FileNotFoundError, ValueError):
             continue  # closed meanwhile
+        except PermissionError:
+            raise NotPermitted(
+                f"cannot read {base}/{name}: dvs needs ptrace access to {pid}"
+            ) from None
     return links
 
 
