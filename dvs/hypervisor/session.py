@@ -148,6 +148,11 @@ class KvmSession:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def guardian_pid(self) -> int:
+        """The tracer child's pid (the TracerPid of the hypervisor's threads)."""
+        return self._guardian.guardian_pid
+
     def close(self) -> None:
         """Revert every change in the hypervisor, give back its registers, detach. Idempotent."""
         if self._closed:
