@@ -11,10 +11,11 @@ Machine: ``-nodefaults`` (no NIC, VGA, floppy drive, parallel port or default mo
 the i440fx ``pc`` chipset devices) plus exactly what we add: the serial port, a QMP socket and
 the caller's ``qemu_args``. ``-no-reboot`` and ``panic=-1`` make a guest panic end QEMU, which
 the fixture reports instead of hanging. KASLR is on unless ``kaslr=False`` (``nokaslr``).
-The CPU model defaults to TCG's ``qemu64`` (vendor AuthenticAMD, no PCID/SMEP/SMAP, so no page
-table isolation, and 4-level paging with 48-bit virtual addresses). ``cpu_model="max"`` offers
-LA57, and the Debian kernel then runs with 5-level paging (CR4.LA57 set, 57-bit virtual
-addresses) -- pick it on purpose when testing page-table walkers against a live guest.
+The CPU model defaults to TCG's ``qemu64``: vendor AuthenticAMD (so the kernel skips page
+table isolation unless ``kernel_args=["pti=on"]``), no PCID/SMEP/SMAP, 4-level paging with
+48-bit virtual addresses. ``cpu_model="max"`` offers LA57, and the Debian kernel then runs
+with 5-level paging (CR4.LA57 set, 57-bit virtual addresses) -- pick it on purpose when
+testing page-table walkers against a live guest.
 
 Serial console protocol. The fixture listens on a unix socket of its own and QEMU connects to
 it as a client (``-chardev socket,server=off``) at start-up, before the guest runs, so no
@@ -78,8 +79,9 @@ __all__ = [
 ]
 
 DEFAULT_BOOT_TIMEOUT = 180.0
-"""Seconds from QEMU start to the ready marker. A boot takes 3-7 s under TCG on an idle
-machine; CI runs on 2 vCPUs next to other tests, so leave a wide margin."""
+"""Seconds from QEMU start to the ready marker. Measured here: 8-13 s from QEMU start to the
+marker (the kernel itself is at init after ~3.5 s; loading the modules and QEMU's own start-up
+take the rest). CI runs on 2 vCPUs next to other tests, so leave a wide margin."""
 
 _COMMAND_GRACE = 30.0
 """Extra seconds the host waits after a command's guest-side timeout for the agent to report."""
@@ -138,6 +140,12 @@ class _QemuProcess:
             if info is not None:
                 self._status = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
         return self._status
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the exit; return ``poll()``."""
+        if self.poll() is None and self._spawned.pidfd >= 0:
+            select.select([self._spawned.pidfd], [], [], timeout)
+        return self.poll()
 
     def kill_and_reap(self, timeout: float = 30.0) -> None:
         if self.poll() is None:
@@ -214,6 +222,12 @@ class _SerialConsole:
             raise GuestExited(f"cannot write to the serial console: {exc}") from exc
 
     @property
+    def closed_by_qemu(self) -> bool:
+        """QEMU closed the console: it is exiting (it closes sockets before it is reaped)."""
+        with self._changed:
+            return self._eof
+
+    @property
     def size(self) -> int:
         with self._changed:
             return len(self._buffer)
@@ -286,8 +300,8 @@ class LinuxGuest:
     ) -> None:
         """Describe a guest; nothing starts before ``start()`` or ``with``.
 
-        ``memfd_ram`` backs RAM with ``memory-backend-memfd,share=on`` (one NUMA node), as
-        vhost-user devices need. ``kernel_args`` are appended to the kernel command line and
+        ``memfd_ram`` backs RAM with ``memory-backend-memfd,id=mem,share=on`` (one NUMA node),
+        as vhost-user devices need. ``kernel_args`` are appended to the kernel command line and
         ``qemu_args`` to QEMU's. ``serial_log_path`` keeps the console log after ``close()``;
         by default it lives in the guest's temporary directory and is removed with it (the
         text stays readable through ``serial_log``).
@@ -316,6 +330,7 @@ class LinuxGuest:
         self._console: _SerialConsole | None = None
         self._qmp: QmpClient | None = None
         self._command_lock = threading.Lock()
+        self._qmp_lock = threading.Lock()
         self._closed = False
         self._final_log: bytes = b""
 
@@ -477,6 +492,8 @@ class LinuxGuest:
         parts = [f"--- last {_SERIAL_TAIL_LINES} serial console lines ---", tail or "(none)"]
         if qemu_output:
             parts += ["--- QEMU output ---", qemu_output]
+        if self.run_dir is not None:
+            parts += ["--- QEMU command line ---", " ".join(self.qemu_argv())]
         return "\n".join(parts)
 
     # --- commands ----------------------------------------------------------------------------
@@ -507,14 +524,15 @@ class LinuxGuest:
             end = console.wait_for(end_marker, start, deadline, self.is_running)
             elapsed = time.monotonic() - sent
         if end is None:
-            if not self.is_running():
+            if console.closed_by_qemu or not self.is_running():
+                status = self._process.wait(timeout=10) if self._process is not None else None
                 raise GuestExited(
-                    f"QEMU exited (status {self._process_status()}) while running "
-                    f"{command!r}\n{self._diagnostics()}"
+                    f"QEMU exited (status {status}) while running {command!r}\n"
+                    f"{self._diagnostics()}"
                 )
             raise GuestCommandTimeout(
-                f"no answer to {command!r} within {limit + _COMMAND_GRACE:.0f} s; the serial "
-                f"console is not responding\n{self._diagnostics()}"
+                f"no answer to {command!r} after {elapsed:.0f} s (timeout {limit} s); the "
+                f"serial console is not responding\n{self._diagnostics()}"
             )
         if end.group("status") is None:
             raise GuestError(f"the guest agent could not decode the request for {command!r}")
@@ -538,9 +556,6 @@ class LinuxGuest:
             raise GuestError(f"{command!r} exited with status {status}; output:\n{output}")
         return output
 
-    def _process_status(self) -> int | None:
-        return self._process.poll() if self._process is not None else None
-
     # --- QMP -----------------------------------------------------------------------------------
 
     def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
@@ -551,11 +566,13 @@ class LinuxGuest:
         """
         args: dict[str, Any] = dict(arguments or {})
         args.update({key.replace("_", "-"): value for key, value in kwargs.items()})
-        return self._qmp_client().execute(command, args)
+        with self._qmp_lock:
+            return self._qmp_client().execute(command, args)
 
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``info registers``) through QMP."""
-        return self._qmp_client().hmp(command_line)
+        with self._qmp_lock:
+            return self._qmp_client().hmp(command_line)
 
     def _qmp_client(self) -> QmpClient:
         if self._closed or self._process is None:

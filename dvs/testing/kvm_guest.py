@@ -13,8 +13,8 @@ Semantics relied on:
   firmware is QEMU's qboot (``-bios qboot.rom``): under kvm-pvm, where guest kernel-mode code is
   emulated instruction by instruction, SeaBIOS alone takes about 5 s, qboot well under 1 s.
 - Guest RAM: QEMU's ``pc`` machine backs RAM with one anonymous private mapping of exactly the
-  RAM size (plus a guard page after it) in the QEMU process, and below the PCI hole (we allow at
-  most 2 GiB) guest-physical address == offset into it. We pick that mapping from
+  RAM size in the QEMU process (the only mapping of that size, seen here), and below the PCI
+  hole (we allow at most 2 GiB) guest-physical address == offset into it. We pick that mapping from
   ``/proc/PID/maps`` and confirm it by the status-page magic. Host reads and writes go through
   ``/proc/PID/mem`` (pread/pwrite at the host virtual address): the same pages the vCPU uses, so
   the guest sees writes at once. This deliberately does not use dvs's own process_vm shims: the
@@ -56,16 +56,16 @@ Semantics relied on:
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import functools
 import hashlib
-import json
 import os
 import re
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -74,10 +74,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dvs.errors import DvsError
 from dvs.testing.cache import artefact
+from dvs.testing.guest_qmp import QmpClient
+
+if TYPE_CHECKING:
+    from dvs.lowlevel.sys import Spawned
 
 GUEST_SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc" / "guest" / "minimal"
 GUEST_SOURCES = ("guest_abi.h", "entry.S", "guest.c", "guest.ld")
@@ -285,8 +289,6 @@ def kvm_usable(boot: bool = True) -> tuple[bool, str]:
     Checks the device, the KVM API version and VM creation; with ``boot`` it also boots the
     guest under ``-enable-kvm`` once per process and waits for its marker (about a second).
     """
-    import fcntl
-
     if not os.path.exists("/dev/kvm"):
         return False, "no /dev/kvm"
     try:
@@ -321,54 +323,6 @@ def _boot_probe(flavour: str) -> tuple[bool, str]:
             return True, f"{flavour}: minimal guest booted in {guest.boot_seconds:.2f} s"
     except MinimalGuestError as error:
         return False, f"{flavour}: minimal guest did not boot: {error}"
-
-
-# ---- QMP ---------------------------------------------------------------------------------------
-
-
-class _Qmp:
-    """Just enough QMP: greeting, ``qmp_capabilities``, then one command at a time by id."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(str(path))
-            self._reader = self._sock.makefile("rb")
-            self._next_id = 0
-            greeting = self._read()
-            if "QMP" not in greeting:
-                raise MinimalGuestError(f"expected a QMP greeting, got {greeting!r}")
-            self.execute("qmp_capabilities")
-        except BaseException:
-            self._sock.close()
-            raise
-
-    def _read(self) -> dict[str, Any]:
-        line = self._reader.readline()
-        if not line:
-            raise MinimalGuestError("QMP connection closed by QEMU")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
-        self._next_id += 1
-        request: dict[str, Any] = {"execute": name, "id": self._next_id}
-        if arguments:
-            request["arguments"] = arguments
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            reply = self._read()
-            if reply.get("id") != self._next_id:
-                continue  # an asynchronous event
-            if "error" in reply:
-                error = reply["error"]
-                raise MinimalGuestError(f"QMP {name}: {error.get('class')}: {error.get('desc')}")
-            return reply.get("return")
-
-    def close(self) -> None:
-        self._reader.close()
-        self._sock.close()
 
 
 # ---- the guest ---------------------------------------------------------------------------------
@@ -406,9 +360,9 @@ class MinimalGuest:
         self.workdir: Path | None = None
         self.boot_seconds = 0.0
         self.ram_host_address = 0
-        self._process: Any = None  # dvs.lowlevel.sys.Spawned
+        self._process: Spawned | None = None
         self._mem_fd = -1
-        self._qmp: _Qmp | None = None
+        self._qmp: QmpClient | None = None
         self._sequence = 0
         self._pending: int | None = None
 
@@ -434,8 +388,7 @@ class MinimalGuest:
     def pid(self) -> int:
         if self._process is None:
             raise MinimalGuestError("the guest is not running")
-        pid: int = self._process.pid
-        return pid
+        return self._process.pid
 
     @property
     def serial_path(self) -> Path:
@@ -505,25 +458,26 @@ class MinimalGuest:
         self._sequence = self.read_u64(MAILBOX_GPA + MAILBOX_RESPONSE_SEQ)
 
     def close(self) -> None:
-        """Kill and reap QEMU, drop every fd, remove the work directory. Idempotent."""
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            finally:
-                self._qmp = None
-        if self._mem_fd >= 0:
-            os.close(self._mem_fd)
-            self._mem_fd = -1
+        """Kill and reap QEMU, drop every fd, remove the work directory. Idempotent.
+
+        Every step runs even if an earlier one raised (ExitStack unwinds them all, last
+        registered first: QMP, /proc/PID/mem, kill + reap, pidfd, work directory).
+        """
+        qmp, self._qmp = self._qmp, None
+        mem_fd, self._mem_fd = self._mem_fd, -1
         process, self._process = self._process, None
-        if process is not None:
-            try:
-                process.kill(signal.SIGKILL)
-                process.wait(timeout=30)
-            finally:
-                process.close()
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        workdir, self.workdir = self.workdir, None
+        with contextlib.ExitStack() as cleanup:
+            if workdir is not None:
+                cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+            if process is not None:
+                cleanup.callback(process.close)
+                cleanup.callback(process.wait, timeout=30)
+                cleanup.callback(process.kill, signal.SIGKILL)
+            if mem_fd >= 0:
+                cleanup.callback(os.close, mem_fd)
+            if qmp is not None:
+                cleanup.callback(qmp.close)
 
     def running(self) -> bool:
         """QEMU has not exited (it is not reaped until ``close``)."""
@@ -694,7 +648,10 @@ class MinimalGuest:
     # -- QMP --
 
     def qmp(self, command: str, **arguments: Any) -> Any:
-        """Execute a QMP command (connecting on first use) and return its ``return`` value."""
+        """Execute a QMP command (connecting on first use) and return its ``return`` value.
+
+        Errors raise ``dvs.testing.guest_qmp.QmpError``.
+        """
         if self._qmp is None:
-            self._qmp = _Qmp(self.qmp_path, timeout=30.0)
+            self._qmp = QmpClient(self.qmp_path, timeout=30.0)
         return self._qmp.execute(command, arguments or None)

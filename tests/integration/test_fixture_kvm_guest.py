@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -300,6 +302,32 @@ def test_qemu_and_files_are_gone_after_an_exception_in_the_body() -> None:
             raise Boom
     assert not _alive(pid)
     assert workdir is not None and not workdir.exists()
+
+
+@pytest.mark.kvm
+@pytest.mark.qemu
+@pytest.mark.timeout(90)
+def test_qemu_dies_with_a_test_process_that_is_killed_outright() -> None:
+    # No finaliser runs after SIGKILL: only PR_SET_PDEATHSIG can take QEMU down with it.
+    script = (
+        "import os, sys\n"
+        "from dvs.testing.kvm_guest import MinimalGuest\n"
+        "guest = MinimalGuest(accel='kvm').__enter__()\n"
+        "print(guest.pid, guest.workdir, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    repo = kvm_guest.GUEST_SOURCE_DIR.parents[2]
+    child = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == -9, child.stderr
+    pid_text, workdir = child.stdout.split()
+    shutil.rmtree(workdir)  # the one thing a killed process cannot clean up itself
+    qemu_pid = int(pid_text)
+    deadline = time.monotonic() + 10
+    while _alive(qemu_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(qemu_pid)
 
 
 @pytest.mark.kvm

@@ -16,7 +16,7 @@
  * of the magic values are C-only).
  *
  * Guest-physical memory map (RAM >= 16 MiB):
- *   0x0000_0000 - 0x000F_FFFF  firmware: real-mode IVT, BDA, SeaBIOS, the PVH start info. Unused.
+ *   0x0000_0000 - 0x000F_FFFF  firmware (qboot or SeaBIOS), IVT, BDA, the PVH start info. Unused.
  *   0x0010_0000 - 0x001F_FFFF  the guest image (PVH note, code, data, page tables, stack).
  *   0x0010_1000                divert entry (DVS_GUEST_DIVERT_ENTRY): point vCPU RIP here (e.g.
  *                              KVM_SET_REGS) and the guest prints a line, counts the
