@@ -40,6 +40,7 @@
 
 #define HV_MAX_UNDO 256
 #define STOP_TIMEOUT_MS 10000
+#define SETTLE_TIMEOUT_MS 5000
 
 struct hv_undo {
 	int32_t id;
@@ -50,9 +51,11 @@ struct hv_undo {
 	uint8_t data[DVS_HV_UNDO_DATA_MAX];
 };
 
+/* A vCPU fd pulled into the guardian with pidfd_getfd and its kvm_run page mapped here. */
 struct hv_vcpu_map {
-	int32_t index;
+	int32_t index;   /* vCPU index (-1: mapped for settling only, index unknown) */
 	int32_t target_fd;
+	int trapped;     /* part of the MMIO trap's vCPU set */
 	int local_fd;
 	struct dvs_kvm_run_head *run;
 };
@@ -81,6 +84,10 @@ struct guardian {
 	struct hv_vcpu_map vcpus[DVS_HV_MAX_VCPUS];
 	int n_vcpus;
 	uint64_t mmio_seq, mmio_reads, mmio_writes, mmio_timeouts, kvm_run_exits;
+	/* settling a vCPU before a register write */
+	int32_t settle_fd;  /* -1: not settling */
+	int settled;
+	uint64_t settles;
 };
 
 static struct guardian G;
@@ -102,7 +109,7 @@ static void fail(struct dvs_hv_response *resp, int error, const char *fmt, ...)
 
 /* ---- vCPU table (MMIO trap) ---------------------------------------------------------------- */
 
-static struct hv_vcpu_map *vcpu_by_fd(struct guardian *g, int64_t fd)
+static struct hv_vcpu_map *mapped_vcpu(struct guardian *g, int64_t fd)
 {
 	for (int i = 0; i < g->n_vcpus; i++)
 		if (g->vcpus[i].target_fd == fd)
@@ -110,10 +117,55 @@ static struct hv_vcpu_map *vcpu_by_fd(struct guardian *g, int64_t fd)
 	return NULL;
 }
 
+/* The trapped vCPU behind target fd `fd`, or NULL. */
+static struct hv_vcpu_map *vcpu_by_fd(struct guardian *g, int64_t fd)
+{
+	struct hv_vcpu_map *v = mapped_vcpu(g, fd);
+
+	return v && v->trapped ? v : NULL;
+}
+
+/* Pull vCPU fd `fd` out of the target and map its kvm_run here (cached). */
+static struct hv_vcpu_map *map_vcpu(struct guardian *g, int32_t fd, uint32_t run_size, int *err)
+{
+	struct hv_vcpu_map *v = mapped_vcpu(g, fd);
+	void *run;
+
+	if (v)
+		return v;
+	if (g->n_vcpus >= DVS_HV_MAX_VCPUS || run_size < 4096 || run_size > (1u << 20) ||
+	    (g->kvm_run_size && run_size != g->kvm_run_size)) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	v = &g->vcpus[g->n_vcpus];
+	memset(v, 0, sizeof(*v));
+	v->index = -1;
+	v->target_fd = fd;
+	v->local_fd = (int)syscall(__NR_pidfd_getfd, g->target_pidfd, fd, 0);
+	if (v->local_fd < 0) {
+		*err = -errno;
+		return NULL;
+	}
+	run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->local_fd, 0);
+	if (run == MAP_FAILED) {
+		*err = -errno;
+		close(v->local_fd);
+		return NULL;
+	}
+	v->run = run;
+	g->kvm_run_size = run_size;
+	g->n_vcpus++;
+	return v;
+}
+
 static int all_vcpus_seen(struct guardian *g)
 {
 	for (int i = 0; i < g->n_vcpus; i++) {
 		int seen = 0;
+
+		if (!g->vcpus[i].trapped)
+			continue;
 
 		for (int j = 0; j < g->tr.n_threads && !seen; j++)
 			seen = g->tr.threads[j].vcpu == g->vcpus[i].index;
@@ -126,6 +178,8 @@ static int all_vcpus_seen(struct guardian *g)
 /* While trapping, vCPU threads (and threads not yet known not to be one) stop at syscalls. */
 static int wants_syscall_stops(struct guardian *g, struct hv_thread *t)
 {
+	if (g->settle_fd >= 0)
+		return 1; /* watching for the vCPU's next KVM_RUN, on whichever thread */
 	if (!g->trapping)
 		return 0;
 	return t->vcpu >= 0 || !all_vcpus_seen(g);
@@ -260,8 +314,35 @@ static void resume_or_park(struct guardian *g, struct hv_thread *t)
 		hv_resume(&g->tr, t, wants_syscall_stops(g, t));
 }
 
+/* At the entry of ioctl(settle_fd, KVM_RUN): a PTRACE_INTERRUPT makes the pending signal that
+ * lets KVM finish the exit and return -EINTR before any guest instruction runs. */
+static void settle_at_entry(struct guardian *g, struct hv_thread *t)
+{
+	if (ptrace(PTRACE_INTERRUPT, t->tid, 0, 0) < 0) {
+		hv_log(&g->tr, "PTRACE_INTERRUPT %d for settling: %s", t->tid, strerror(errno));
+		return;
+	}
+	t->settling = 1;
+}
+
+static int is_kvm_run_entry(struct hv_thread *t, int64_t fd)
+{
+	return t->stopped && t->stop_kind == HV_STOP_SYSCALL_ENTRY && t->syscall_nr == SYS_ioctl &&
+	       t->syscall_args[1] == KVM_RUN && (int64_t)t->syscall_args[0] == fd;
+}
+
 static void on_stop(struct guardian *g, struct hv_thread *t)
 {
+	if (g->settle_fd >= 0 && is_kvm_run_entry(t, g->settle_fd) && !t->settling)
+		settle_at_entry(g, t);
+	if (t->settling && t->stop_kind == HV_STOP_SYSCALL_EXIT) {
+		/* KVM_RUN finished the pending exit and returned (-EINTR): keep the thread here */
+		t->settling = 0;
+		t->in_kvm_run = 0;
+		g->settled = 1;
+		g->hold = 1;
+		return;
+	}
 	switch (t->stop_kind) {
 	case HV_STOP_SIGNAL:
 		/* Deliver it now (hv_resume passes resume_sig), whatever the mode: the thread then
@@ -410,6 +491,55 @@ static void resume_all(struct guardian *g)
 	}
 }
 
+
+/* Exits whose effects KVM applies only at the next KVM_RUN (complete_userspace_io). */
+static int exit_pending_completion(uint32_t reason)
+{
+	return reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO || reason == KVM_EXIT_HYPERCALL ||
+	       reason == KVM_EXIT_X86_RDMSR || reason == KVM_EXIT_X86_WRMSR ||
+	       reason == KVM_EXIT_XEN;
+}
+
+/* Make sure vCPU `fd` has no exit waiting for completion (see hv.h); every thread is stopped
+ * on entry and on return. */
+static int settle_vcpu(struct guardian *g, int32_t fd, uint32_t run_size, int timeout_ms,
+		       struct dvs_hv_response *resp)
+{
+	struct hv_vcpu_map *v;
+	uint64_t deadline;
+	int err = 0, was_running = g->running;
+
+	v = map_vcpu(g, fd, run_size, &err);
+	if (!v) {
+		fail(resp, err, "mapping kvm_run of vCPU fd %d: %s", fd, strerror(-err));
+		return err;
+	}
+	if (!exit_pending_completion(v->run->exit_reason))
+		return 0;
+	g->settles++;
+	g->settle_fd = fd;
+	g->settled = 0;
+	for (int i = 0; i < g->tr.n_threads; i++)
+		if (is_kvm_run_entry(&g->tr.threads[i], fd))
+			settle_at_entry(g, &g->tr.threads[i]);
+	g->running = 1;
+	resume_all(g);
+	deadline = hv_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+	while (!g->settled && !g->tr.target_gone && hv_now_ns() < deadline)
+		pump(g, (int)((deadline - hv_now_ns()) / 1000000) + 1, 0);
+	g->settle_fd = -1;
+	g->running = was_running;
+	err = stop_all(g, STOP_TIMEOUT_MS);
+	if (!g->settled) {
+		fail(resp, -EBUSY, "vCPU fd %d did not enter KVM_RUN again within %d ms", fd,
+		     timeout_ms);
+		return -EBUSY;
+	}
+	if (err)
+		fail(resp, err, "stopping the target after settling: %s", strerror(-err));
+	return err;
+}
+
 /* ---- injection with scratch data and undo entries ----------------------------------------- */
 
 static int run_undo(struct guardian *g, struct hv_undo *u, int64_t *result)
@@ -456,6 +586,9 @@ static void op_syscall(struct guardian *g, const struct dvs_hv_request *req,
 			args[i] += g->scratch;
 		}
 	}
+	if (req->settle_fd >= 0 &&
+	    settle_vcpu(g, req->settle_fd, req->kvm_run_size, SETTLE_TIMEOUT_MS, resp) < 0)
+		return;
 	if (req->in_len && hv_poke(&g->tr, g->scratch, req->data, req->in_len) < 0) {
 		fail(resp, -EFAULT, "copying %u bytes into the target's scratch", req->in_len);
 		return;
@@ -536,13 +669,8 @@ static void op_bench(struct guardian *g, const struct dvs_hv_request *req,
 static void trap_release(struct guardian *g)
 {
 	expire_mmio(g, 1);
-	for (int i = 0; i < g->n_vcpus; i++) {
-		if (g->vcpus[i].run)
-			munmap(g->vcpus[i].run, g->kvm_run_size);
-		if (g->vcpus[i].local_fd >= 0)
-			close(g->vcpus[i].local_fd);
-	}
-	g->n_vcpus = 0;
+	for (int i = 0; i < g->n_vcpus; i++)
+		g->vcpus[i].trapped = 0;
 	g->trapping = 0;
 }
 
@@ -582,31 +710,18 @@ static void op_trap_start(struct guardian *g, const struct dvs_hv_request *req,
 	if (g->trapping)
 		trap_release(g);
 	for (uint32_t i = 0; i < cfg->n_vcpus; i++) {
-		struct hv_vcpu_map *v = &g->vcpus[g->n_vcpus];
-		void *run;
+		int err = 0;
+		struct hv_vcpu_map *v = map_vcpu(g, cfg->vcpus[i].fd, cfg->kvm_run_size, &err);
 
+		if (!v) {
+			fail(resp, err, "mapping kvm_run of vCPU fd %d: %s", cfg->vcpus[i].fd,
+			     strerror(-err));
+			trap_release(g);
+			return;
+		}
 		v->index = cfg->vcpus[i].index;
-		v->target_fd = cfg->vcpus[i].fd;
-		v->local_fd = (int)syscall(__NR_pidfd_getfd, g->target_pidfd, v->target_fd, 0);
-		if (v->local_fd < 0) {
-			fail(resp, -errno, "pidfd_getfd of vCPU fd %d: %s", v->target_fd,
-			     strerror(errno));
-			trap_release(g);
-			return;
-		}
-		g->n_vcpus++;
-		run = mmap(NULL, cfg->kvm_run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->local_fd,
-			   0);
-		if (run == MAP_FAILED) {
-			fail(resp, -errno, "mapping kvm_run of vCPU fd %d: %s", v->target_fd,
-			     strerror(errno));
-			v->run = NULL;
-			trap_release(g);
-			return;
-		}
-		v->run = run;
+		v->trapped = 1;
 	}
-	g->kvm_run_size = cfg->kvm_run_size;
 	g->trap_base = cfg->base;
 	g->trap_size = cfg->size;
 	g->reply_timeout_ms = cfg->reply_timeout_ms ? cfg->reply_timeout_ms : 5000;
@@ -633,6 +748,7 @@ static void fill_status(struct guardian *g, struct dvs_hv_status *st)
 	st->mmio_timeouts = g->mmio_timeouts;
 	st->kvm_run_exits = g->kvm_run_exits;
 	st->threads_seen = g->tr.threads_seen;
+	st->settles = g->settles;
 	for (int i = 0; i < g->tr.n_threads; i++) {
 		struct hv_thread *t = &g->tr.threads[i];
 
@@ -740,6 +856,11 @@ static void release_target(struct guardian *g)
 	hv_redeliver_deferred(&g->tr);
 out:
 	trap_release(g);
+	for (int i = 0; i < g->n_vcpus; i++) {
+		munmap(g->vcpus[i].run, g->kvm_run_size);
+		close(g->vcpus[i].local_fd);
+	}
+	g->n_vcpus = 0;
 }
 
 /* ---- the guardian's life ----------------------------------------------------------------------- */
@@ -855,6 +976,7 @@ void dvs_hv_guardian_main(const struct dvs_hv_guardian_args *a)
 	g->tr.pid = a->pid;
 	g->target_pidfd = -1;
 	g->signal_fd = -1;
+	g->settle_fd = -1;
 	memset(resp, 0, offsetof(struct dvs_hv_response, data));
 	err = setup_process(g, a);
 	if (err) {

@@ -34,6 +34,14 @@
  * thread runs its own code again. Threads created while attached are traced from birth
  * (PTRACE_O_TRACECLONE).
  *
+ * Settling a vCPU (register writes): KVM finishes an MMIO/PIO (or MSR, hypercall) exit only
+ * when the VMM enters KVM_RUN again, and then writes the emulated instruction's results --
+ * including RIP -- over whatever KVM_SET_REGS put there in between. If the vCPU's kvm_run
+ * shows such an exit, the guardian lets the whole hypervisor run (the VMM may need locks other
+ * threads hold) with syscall stops until that vCPU enters KVM_RUN, interrupts it at the entry
+ * stop -- KVM then completes the access, sees the pending signal and returns -EINTR without
+ * running guest code -- and stops everything again before the injected syscall runs.
+ *
  * MMIO trapping (DVS_HV_OP_TRAP_START): vCPU threads are resumed with PTRACE_SYSCALL; at the
  * exit of ioctl(vcpu_fd, KVM_RUN) the guardian reads kvm_run (the vCPU fd pulled with
  * pidfd_getfd and mapped into the guardian) and, for a KVM_EXIT_MMIO inside the window, sends
@@ -64,7 +72,8 @@
 
 /* requests */
 #define DVS_HV_OP_PING 1       /* -> result 0; no injection (measures the channel) */
-#define DVS_HV_OP_SYSCALL 2    /* one injected syscall, optional scratch data and undo entry */
+#define DVS_HV_OP_SYSCALL 2    /* one injected syscall, optional scratch data and undo entry;
+				  with settle_fd >= 0 the vCPU is settled first (below) */
 #define DVS_HV_OP_UNDO 3       /* run and drop undo entry `undo_id` now */
 #define DVS_HV_OP_HOLD 4       /* stop every thread and keep them stopped */
 #define DVS_HV_OP_RUN 5        /* let every thread run (traced) */
@@ -88,6 +97,8 @@ struct dvs_hv_request {
 	uint32_t in_len;       /* bytes of data copied to scratch offset 0 before the call */
 	uint32_t out_len;      /* bytes copied back from scratch offset 0 after the call */
 	int32_t undo_id;       /* OP_UNDO: the entry to run */
+	int32_t settle_fd;     /* >= 0: first settle this vCPU fd (see DVS_HV_OP_SYSCALL) */
+	uint32_t kvm_run_size; /* with settle_fd: KVM_GET_VCPU_MMAP_SIZE */
 	int64_t undo_nr;       /* < 0: no undo entry */
 	uint64_t undo_args[6];
 	uint8_t undo_arg_flags[6]; /* DVS_HV_UNDO_ARG_* per undo arg */
@@ -139,6 +150,7 @@ struct dvs_hv_status {
 	uint64_t mmio_timeouts;
 	uint64_t kvm_run_exits;      /* KVM_RUN returns seen while trapping */
 	uint64_t threads_seen;       /* threads traced since attach (incl. ones that exited) */
+	uint64_t settles;            /* vCPUs that had to complete a pending exit first */
 	int32_t tids[64];            /* first 64 traced threads */
 	int32_t tid_is_vcpu[64];     /* -1: not a vCPU thread, else the vCPU index */
 };

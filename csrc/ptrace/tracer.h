@@ -49,6 +49,7 @@ struct hv_thread {
 	uint8_t interrupting;  /* PTRACE_INTERRUPT sent and no stop seen since (any stop ends it) */
 	uint8_t in_kvm_run;    /* between entry and exit of ioctl(vcpu fd, KVM_RUN) */
 	uint8_t mmio_pending;  /* stopped at a KVM_RUN exit, waiting for dvs's answer */
+	uint8_t settling;      /* interrupted at a KVM_RUN entry to complete a pending exit */
 	int8_t vcpu;           /* vCPU index last seen in KVM_RUN on this thread, -1 none */
 	int32_t resume_sig;    /* signal to deliver at the next resume */
 	int32_t kvm_run_fd;    /* target fd of the KVM_RUN in progress */

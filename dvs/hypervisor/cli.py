@@ -48,8 +48,7 @@ def _vcpus(args: argparse.Namespace) -> int:
                     "pid": args.pid,
                     "vm_fd": handles.vm_fd,
                     "vcpus": [
-                        {**state.as_dict(), "fd": handles.vcpu(state.index).fd}
-                        for state in states
+                        {**state.as_dict(), "fd": handles.vcpu(state.index).fd} for state in states
                     ],
                 },
                 indent=2,

@@ -228,14 +228,22 @@ class KvmSession:
         data: bytes = b"",
         out_len: int = 0,
         undo: UndoSpec | None = None,
+        settle_vcpu: int | None = None,
     ) -> SyscallResult:
-        """Run one syscall inside the hypervisor (see dvs.lowlevel.ptrace.Guardian.syscall)."""
+        """Run one syscall inside the hypervisor (see dvs.lowlevel.ptrace.Guardian.syscall).
+
+        ``settle_vcpu`` (an index) first lets that vCPU finish an exit KVM completes only
+        on the next KVM_RUN, which would otherwise overwrite registers set now.
+        """
+        settle_fd = self._vcpu_fd(settle_vcpu) if settle_vcpu is not None else -1
+        run_size = vcpu_mmap_size() if settle_vcpu is not None else 0
         return self._call(
             f"syscall {nr}",
             lambda g: g.syscall(
-                nr, args, scratch_args=scratch_args, data=data, out_len=out_len, undo=undo
+                nr, args, scratch_args=scratch_args, data=data, out_len=out_len, undo=undo,
+                settle_vcpu_fd=settle_fd, kvm_run_size=run_size,
             ),
-        )
+        )  # fmt: skip
 
     def _checked(self, what: str, result: SyscallResult) -> SyscallResult:
         if result.failed:
@@ -252,15 +260,18 @@ class KvmSession:
         data: bytes = b"",
         out_len: int = 0,
         undo: UndoSpec | None = None,
+        settle_vcpu: int | None = None,
     ) -> SyscallResult:
         if data or out_len:
             # the structure lives at scratch offset 0
             result = self.inject(
                 llkvm.SYS_ioctl, fd, request, 0, scratch_args=(2,), data=data,
-                out_len=out_len, undo=undo,
+                out_len=out_len, undo=undo, settle_vcpu=settle_vcpu,
             )  # fmt: skip
         else:
-            result = self.inject(llkvm.SYS_ioctl, fd, request, arg, undo=undo)
+            result = self.inject(
+                llkvm.SYS_ioctl, fd, request, arg, undo=undo, settle_vcpu=settle_vcpu
+            )
         return self._checked(what, result)
 
     def _undo(self, what: str, undo_id: int) -> None:
@@ -307,10 +318,26 @@ class KvmSession:
         return Regs(**llkvm.regs_from_bytes(data))
 
     def set_regs(self, regs: Regs, vcpu: int = 0) -> None:
+        """KVM_SET_REGS, after letting the vCPU finish an exit still pending in KVM (else
+        KVM's completion of that instruction would overwrite RIP and the result register).
+
+        Read the registers you modify *after* this settles them: use ``update_regs``."""
         self._ioctl(
             self._vcpu_fd(vcpu), llkvm.KVM_SET_REGS, "KVM_SET_REGS",
-            data=llkvm.regs_to_bytes(regs.as_dict()),
+            data=llkvm.regs_to_bytes(regs.as_dict()), settle_vcpu=vcpu,
         )  # fmt: skip
+
+    def update_regs(self, vcpu: int = 0, **changes: int) -> Regs:
+        """Settle the vCPU, read its registers, apply ``changes`` and write them back, all
+        while the hypervisor stays stopped; returns what was written."""
+        with self.held():
+            self._ioctl(
+                self._vcpu_fd(vcpu), llkvm.KVM_GET_REGS, "KVM_GET_REGS",
+                out_len=llkvm.REGS_SIZE, settle_vcpu=vcpu,
+            )  # fmt: skip
+            regs = self.get_regs(vcpu).replace(**changes)
+            self.set_regs(regs, vcpu)
+        return regs
 
     def get_sregs(self, vcpu: int = 0) -> Sregs:
         data = self._ioctl(

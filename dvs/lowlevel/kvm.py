@@ -159,7 +159,9 @@ def cpuid2_from_bytes(data: bytes) -> list[dict[str, int]]:
         raise ValueError("short kvm_cpuid2")
     buf = ffi.new("struct dvs_kvm_cpuid2 *")
     ffi.memmove(buf, data, min(len(data), ffi.sizeof("struct dvs_kvm_cpuid2")))
-    count = min(int(buf.nent), MAX_CPUID_ENTRIES, (len(data) - CPUID2_HEADER_SIZE) // CPUID_ENTRY_SIZE)
+    count = min(
+        int(buf.nent), MAX_CPUID_ENTRIES, (len(data) - CPUID2_HEADER_SIZE) // CPUID_ENTRY_SIZE
+    )
     return [
         {name: int(getattr(buf.entries[i], name)) for name in CPUID_FIELDS} for i in range(count)
     ]

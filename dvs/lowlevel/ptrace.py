@@ -95,6 +95,7 @@ class GuardianStatus:
     mmio_timeouts: int
     kvm_run_exits: int
     threads_seen: int
+    settles: int
     vcpu_of_thread: dict[int, int] = field(default_factory=dict)  # tid -> vCPU index
 
 
@@ -171,6 +172,8 @@ class Guardian:
         req.in_len = 0
         req.out_len = 0
         req.undo_id = 0
+        req.settle_fd = -1
+        req.kvm_run_size = 0
         req.undo_nr = -1
         req.undo_len = 0
         return req
@@ -184,9 +187,15 @@ class Guardian:
         data: bytes = b"",
         out_len: int = 0,
         undo: UndoSpec | None = None,
+        settle_vcpu_fd: int = -1,
+        kvm_run_size: int = 0,
         timeout: float = 30.0,
     ) -> SyscallResult:
-        """Run syscall ``nr`` inside the target; see the module note for the arguments."""
+        """Run syscall ``nr`` inside the target; see the module note for the arguments.
+
+        With ``settle_vcpu_fd`` (a vCPU fd in the target) the guardian first lets that vCPU
+        complete an exit KVM has not finished yet (csrc/ptrace/hv.h, "Settling").
+        """
         if len(args) > 6:
             raise ValueError(f"a syscall takes at most 6 arguments, got {len(args)}")
         if len(data) > min(DATA_MAX, self.scratch_size) or out_len > min(
@@ -205,6 +214,8 @@ class Guardian:
                 ffi.memmove(req.data, data, len(data))
                 req.in_len = len(data)
             req.out_len = out_len
+            req.settle_fd = settle_vcpu_fd
+            req.kvm_run_size = kvm_run_size
             if undo is not None:
                 self._fill_undo(req, undo)
             resp = self._call(_OP_SYSCALL, timeout)
@@ -319,6 +330,7 @@ class Guardian:
                 mmio_timeouts=st.mmio_timeouts,
                 kvm_run_exits=st.kvm_run_exits,
                 threads_seen=st.threads_seen,
+                settles=st.settles,
                 vcpu_of_thread=vcpu_of,
             )
 

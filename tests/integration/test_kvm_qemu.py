@@ -110,8 +110,9 @@ def test_read_registers_paging_cpuid_and_translate(guest: MinimalGuest) -> None:
 def test_set_registers_diverts_the_guest(guest: MinimalGuest) -> None:
     with KvmSession(guest.pid) as session:
         regs = session.get_regs()
-        session.set_regs(regs.replace(rip=DIVERT_ENTRY))
+        session.set_regs(regs.replace(rip=DIVERT_ENTRY))  # the main loop has no pending exit
         assert session.get_regs().rip == DIVERT_ENTRY
+        assert session.update_regs(rbx=0x1234).rip == DIVERT_ENTRY
     guest.wait_for(r"DVS-GUEST diverted count=1", timeout=10)
     assert guest.status(STATUS_DIVERSIONS) == 1
     assert guest.mailbox(Command.PING) > 0  # and back in its main loop

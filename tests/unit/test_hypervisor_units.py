@@ -184,11 +184,12 @@ def test_syscall_instruction_found_in_own_executable_memory() -> None:
     with open(f"/proc/{os.getpid()}/mem", "rb", buffering=0) as mem:
         mem.seek(address)
         assert mem.read(2) == b"\x0f\x05"
-    vdso = next(m for m in parse_maps(open("/proc/self/maps").read()) if m.path == "[vdso]")
+    with open("/proc/self/maps") as maps:
+        vdso = next(m for m in parse_maps(maps.read()) if m.path == "[vdso]")
     assert vdso.start <= address < vdso.end  # the vDSO is preferred
 
 
-# ---- the C loop serving trapped MMIO --------------------------------------------------------------
+# ---- the C loop serving trapped MMIO ----------------------------------------------------------
 
 MSG = struct.Struct("<QQQIIii")  # struct dvs_hv_mmio_msg
 
