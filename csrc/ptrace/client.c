@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -98,6 +99,24 @@ int dvs_hv_start(struct dvs_hv_start *req)
 	args.scratch_size = req->scratch_size;
 	args.attach_timeout_ms = req->attach_timeout_ms ? req->attach_timeout_ms : 10000;
 	args.flags = req->flags;
+	args.shared_bank = NULL;
+	args.shared_bank_size = 0;
+	req->shared_bank = 0;
+	if (req->shared_bank_size) {
+		void *bank = mmap(NULL, req->shared_bank_size, PROT_READ | PROT_WRITE,
+				  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+		if (bank == MAP_FAILED) {
+			err = -errno;
+			close(control[0]);
+			close(control[1]);
+			close(mmio[0]);
+			close(mmio[1]);
+			return err;
+		}
+		args.shared_bank = bank;
+		args.shared_bank_size = req->shared_bank_size;
+	}
 
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
@@ -111,8 +130,11 @@ int dvs_hv_start(struct dvs_hv_start *req)
 	if (err) {
 		close(control[0]);
 		close(mmio[0]);
+		if (args.shared_bank)
+			munmap(args.shared_bank, args.shared_bank_size);
 		return err;
 	}
+	req->shared_bank = (uint64_t)(uintptr_t)args.shared_bank;
 	req->guardian_pid = child;
 	req->guardian_pidfd = (int)syscall(__NR_pidfd_open, child, 0);
 	req->control_fd = control[0];
@@ -160,8 +182,18 @@ failed:
 	if (req->guardian_pidfd >= 0)
 		close(req->guardian_pidfd);
 	waitpid(child, NULL, 0);
+	if (args.shared_bank)
+		munmap(args.shared_bank, args.shared_bank_size);
+	req->shared_bank = 0;
 	req->guardian_pid = req->guardian_pidfd = req->control_fd = req->mmio_fd = -1;
 	return err;
+}
+
+int dvs_hv_unmap_bank(uint64_t address, uint32_t size)
+{
+	if (!address || !size)
+		return 0;
+	return munmap((void *)(uintptr_t)address, size) < 0 ? -errno : 0;
 }
 
 int dvs_hv_call(int control_fd, const struct dvs_hv_request *req, struct dvs_hv_response *resp,

@@ -80,6 +80,9 @@ struct guardian {
 	/* MMIO trap */
 	uint64_t trap_base, trap_size;
 	uint32_t reply_timeout_ms;
+	int reads_from_bank;
+	uint8_t *bank;        /* shared with dvs (MAP_SHARED before the fork) */
+	uint32_t bank_size;
 	uint32_t kvm_run_size;
 	struct hv_vcpu_map vcpus[DVS_HV_MAX_VCPUS];
 	int n_vcpus;
@@ -246,6 +249,29 @@ static void on_kvm_run_exit(struct guardian *g, struct hv_thread *t)
 	msg.vcpu = v->index;
 	if (msg.is_write)
 		memcpy(&msg.data, (const void *)run->exit.mmio.data, len);
+	if (g->reads_from_bank) {
+		uint64_t offset = gpa - g->trap_base;
+		int inside = offset < g->bank_size && len <= g->bank_size - offset;
+
+		if (msg.is_write) {
+			if (inside)
+				memcpy(g->bank + offset, &msg.data, len);
+			g->mmio_writes++;
+			/* a notice; dvs answers nothing and nothing waits for it */
+			send(g->mmio_fd, &msg, sizeof(msg), MSG_NOSIGNAL | MSG_DONTWAIT);
+			complete_as_interrupted(g, t);
+		} else {
+			uint64_t data = ~0ull;
+
+			if (inside) {
+				data = 0;
+				memcpy(&data, g->bank + offset, len);
+			}
+			g->mmio_reads++;
+			answer_read(g, t, data);
+		}
+		return;
+	}
 	if (send(g->mmio_fd, &msg, sizeof(msg), MSG_NOSIGNAL | MSG_DONTWAIT) != sizeof(msg)) {
 		/* dvs is not listening: the access still must not reach the hypervisor */
 		g->mmio_timeouts++;
@@ -672,6 +698,7 @@ static void trap_release(struct guardian *g)
 	for (int i = 0; i < g->n_vcpus; i++)
 		g->vcpus[i].trapped = 0;
 	g->trapping = 0;
+	g->reads_from_bank = 0;
 }
 
 /* A thread interrupted out of KVM_RUN shows it in its registers: orig_rax = ioctl, rdi = the
@@ -701,6 +728,10 @@ static void op_trap_start(struct guardian *g, const struct dvs_hv_request *req,
 {
 	const struct dvs_hv_trap_config *cfg = (const void *)req->data;
 
+	if (cfg->reads_from_shared_bank && !g->bank) {
+		fail(resp, -EINVAL, "no shared bank in this session");
+		return;
+	}
 	if (req->in_len < sizeof(*cfg) || cfg->n_vcpus == 0 || cfg->n_vcpus > DVS_HV_MAX_VCPUS ||
 	    cfg->size == 0 || cfg->base + cfg->size < cfg->base || cfg->kvm_run_size < 4096 ||
 	    cfg->kvm_run_size > (1u << 20)) {
@@ -725,6 +756,7 @@ static void op_trap_start(struct guardian *g, const struct dvs_hv_request *req,
 	g->trap_base = cfg->base;
 	g->trap_size = cfg->size;
 	g->reply_timeout_ms = cfg->reply_timeout_ms ? cfg->reply_timeout_ms : 5000;
+	g->reads_from_bank = cfg->reads_from_shared_bank && g->bank;
 	classify_threads(g);
 	g->trapping = 1;
 }
@@ -974,6 +1006,8 @@ void dvs_hv_guardian_main(const struct dvs_hv_guardian_args *a)
 
 	memset(g, 0, sizeof(*g));
 	g->tr.pid = a->pid;
+	g->bank = a->shared_bank;
+	g->bank_size = a->shared_bank_size;
 	g->target_pidfd = -1;
 	g->signal_fd = -1;
 	g->settle_fd = -1;

@@ -16,6 +16,8 @@ struct dvs_hv_guardian_args {
 	uint32_t scratch_size;
 	uint32_t attach_timeout_ms;
 	uint32_t flags;
+	uint8_t *shared_bank;
+	uint32_t shared_bank_size;
 };
 
 void dvs_hv_guardian_main(const struct dvs_hv_guardian_args *args) __attribute__((noreturn));

@@ -49,7 +49,10 @@
  * kvm_run.mmio.data); then the ioctl's return value is set to -EINTR, so the hypervisor sees
  * an interrupted KVM_RUN (which every VMM handles by entering again) and KVM completes the
  * access from kvm_run.mmio.data on that next entry. Other threads run without syscall stops
- * once every vCPU fd has been seen in a KVM_RUN.
+ * once every vCPU fd has been seen in a KVM_RUN. For windows that behave like plain
+ * registers, the guardian can answer reads itself from a bank of memory it shares with dvs
+ * (MAP_SHARED, mapped before the fork, so at the same address in both): no socket round trip
+ * and no wake-up of dvs per read; writes land in the bank and are forwarded as notices.
  */
 #ifndef DVS_PTRACE_HV_H
 #define DVS_PTRACE_HV_H
@@ -129,7 +132,10 @@ struct dvs_hv_trap_config {
 	uint32_t kvm_run_size; /* KVM_GET_VCPU_MMAP_SIZE */
 	uint32_t n_vcpus;
 	uint32_t reply_timeout_ms; /* a read dvs does not answer in time reads as all-ones */
-	uint32_t padding;
+	uint32_t reads_from_shared_bank; /* 1: the guardian answers reads from the shared bank
+					  * (bytes [0, shared_bank_size) = [base, base+size)) and
+					  * stores writes there too, forwarding them to dvs only as
+					  * notices (no answer awaited) */
 	struct dvs_hv_vcpu vcpus[64]; /* DVS_HV_MAX_VCPUS */
 };
 
@@ -173,6 +179,7 @@ struct dvs_hv_start {
 	uint32_t scratch_size;     /* bytes of scratch mapped in the target (>= 16 KiB) */
 	uint32_t attach_timeout_ms;
 	uint32_t flags;            /* DVS_HV_START_* */
+	uint32_t shared_bank_size; /* bytes of memory shared with the guardian (0: none) */
 	/* out */
 	int32_t guardian_pid;
 	int32_t guardian_pidfd;
@@ -182,6 +189,7 @@ struct dvs_hv_start {
 	int32_t n_threads;
 	int32_t padding;
 	uint64_t scratch_address;
+	uint64_t shared_bank;      /* address (same in dvs and guardian) of the shared bank */
 	char message[160];         /* why the attach failed */
 };
 #define DVS_HV_START_SKIP_SCRATCH 1 /* no scratch mapping (tests of the bare engine) */
@@ -189,6 +197,9 @@ struct dvs_hv_start {
 /* Fork the guardian, let it seize every thread of req->pid and set up injection.
  * 0: attached (every thread stopped); -errno: failed, req->message says why. */
 int dvs_hv_start(struct dvs_hv_start *req);
+
+/* Unmap the shared bank dvs_hv_start mapped (after the guardian is gone). */
+int dvs_hv_unmap_bank(uint64_t address, uint32_t size);
 
 /* One request/response round trip on the control socket; loops on EINTR.
  * 0, or -ETIMEDOUT / -EPIPE (guardian gone) / -EPROTO (unexpected reply). */

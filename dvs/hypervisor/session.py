@@ -430,11 +430,23 @@ class KvmSession:
         self._resources.append(irq)
         return irq
 
-    def trap_mmio(self, base: int, size: int, *, reply_timeout: float = 5.0) -> MmioTrap:
-        """Answer the guest's accesses to [base, base+size) from dvs (see MmioTrap)."""
+    def trap_mmio(
+        self,
+        base: int,
+        size: int,
+        *,
+        reply_timeout: float = 5.0,
+        reads_by_guardian: bool = False,
+    ) -> MmioTrap:
+        """Answer the guest's accesses to [base, base+size) from dvs (see MmioTrap).
+
+        ``reads_by_guardian``: the registers live in memory shared with the guardian, which
+        answers reads without waking dvs (faster; right for plain register files whose reads
+        never depend on dvs reacting to an earlier write first).
+        """
         if self._trap is not None and not self._trap.stopped:
             raise DvsError("one MMIO trap per session: stop the current one first")
-        trap = MmioTrap(self, base, size, reply_timeout)
+        trap = MmioTrap(self, base, size, reply_timeout, reads_by_guardian)
         self._trap = trap
         return trap
 
@@ -703,24 +715,36 @@ class MmioTrap:
     The guardian follows the KVM_RUN exits of the vCPU threads (their other syscalls stop
     being traced once every vCPU has been seen) and forwards each access in the window to a
     C loop in a dvs thread that serves it from ``bank`` (reads return its bytes, writes store
-    into it). The hypervisor sees an interrupted KVM_RUN instead of the access.
+    into it). The hypervisor sees an interrupted KVM_RUN instead of the access. With
+    ``reads_by_guardian`` the bank is shared with the guardian, which answers reads itself.
     """
 
-    def __init__(self, session: KvmSession, base: int, size: int, reply_timeout: float) -> None:
+    def __init__(
+        self,
+        session: KvmSession,
+        base: int,
+        size: int,
+        reply_timeout: float,
+        reads_by_guardian: bool = False,
+    ) -> None:
         self._session = session
         self.base = base
         self.size = size
-        self.bank = MmioBank(base, size)
+        self.reads_by_guardian = reads_by_guardian
+        self.bank = MmioBank(base, size, session._guardian if reads_by_guardian else None)
         self.stopped = False
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._serve, name="dvs-mmio", daemon=True)
         self._error: BaseException | None = None
         self._thread.start()
         vcpus = [(v.index, v.fd) for v in session.handles.vcpus]
+        self._reads_before = session.status().mmio_reads if reads_by_guardian else 0
         try:
             session._call(
                 "trap MMIO",
-                lambda g: g.trap_start(base, size, vcpus, vcpu_mmap_size(), reply_timeout),
+                lambda g: g.trap_start(
+                    base, size, vcpus, vcpu_mmap_size(), reply_timeout, reads_by_guardian
+                ),
             )
         except BaseException:
             self._stop_serving()
@@ -748,6 +772,8 @@ class MmioTrap:
 
     @property
     def reads(self) -> int:
+        if self.reads_by_guardian:
+            return self._session.status().mmio_reads - self._reads_before
         return self.bank.reads
 
     @property
@@ -763,6 +789,8 @@ class MmioTrap:
                 self._session._call("stop trapping MMIO", lambda g: g.trap_stop())
         finally:
             self._stop_serving()
+        if not self._session.closed:
+            self._session._guardian.drain_mmio()
 
     def _stop_serving(self) -> None:
         if self.stopped:

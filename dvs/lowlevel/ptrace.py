@@ -115,6 +115,7 @@ class Guardian:
         attach_timeout: float = 10.0,
         debug_fd: int = -1,
         with_scratch: bool = True,
+        shared_bank_size: int = 64 * 1024,
     ) -> None:
         req = ffi.new("struct dvs_hv_start *")
         req.pid = pid
@@ -123,6 +124,7 @@ class Guardian:
         req.scratch_size = scratch_size
         req.attach_timeout_ms = int(attach_timeout * 1000)
         req.flags = 0 if with_scratch else lib.DVS_HV_START_SKIP_SCRATCH
+        req.shared_bank_size = shared_bank_size
         result = lib.dvs_hv_start(req)
         if result < 0:
             message = ffi.string(req.message).decode(errors="replace")
@@ -136,6 +138,8 @@ class Guardian:
         self.n_threads_at_attach: int = req.n_threads
         self.scratch_address: int = req.scratch_address
         self.scratch_size = scratch_size if with_scratch else 0
+        self.shared_bank_address: int = req.shared_bank
+        self.shared_bank_size = shared_bank_size if req.shared_bank else 0
         self._seq = 0
         self._req = ffi.new("struct dvs_hv_request *")
         self._resp = ffi.new("struct dvs_hv_response *")
@@ -270,8 +274,15 @@ class Guardian:
         vcpus: Sequence[tuple[int, int]],
         kvm_run_size: int,
         reply_timeout: float = 5.0,
+        reads_from_shared_bank: bool = False,
     ) -> None:
-        """Trap MMIO accesses to [base, base+size); ``vcpus`` = (index, target fd) pairs."""
+        """Trap MMIO accesses to [base, base+size); ``vcpus`` = (index, target fd) pairs.
+
+        With ``reads_from_shared_bank`` the guardian answers reads from the shared bank
+        itself (``shared_bank()``) and only notifies dvs of writes.
+        """
+        if reads_from_shared_bank and size > self.shared_bank_size:
+            raise ValueError(f"the window ({size} bytes) exceeds the shared bank")
         if not 0 < len(vcpus) <= MAX_VCPUS:
             raise ValueError(f"1..{MAX_VCPUS} vCPUs, got {len(vcpus)}")
         cfg = ffi.new("struct dvs_hv_trap_config *")
@@ -280,6 +291,7 @@ class Guardian:
         cfg.kvm_run_size = kvm_run_size
         cfg.n_vcpus = len(vcpus)
         cfg.reply_timeout_ms = int(reply_timeout * 1000)
+        cfg.reads_from_shared_bank = int(reads_from_shared_bank)
         for i, (index, fd) in enumerate(vcpus):
             cfg.vcpus[i].index = index
             cfg.vcpus[i].fd = fd
@@ -294,6 +306,18 @@ class Guardian:
         with self._lock:
             self._reset()
             self._call(_OP_TRAP_STOP)
+
+    def drain_mmio(self) -> int:
+        """Drop messages left on the mmio socket (after trap_stop nothing new arrives, but an
+        access forwarded just before may not have been served); returns how many."""
+        import select
+
+        dropped = 0
+        while self.mmio_fd >= 0 and select.select([self.mmio_fd], [], [], 0)[0]:
+            if not os.read(self.mmio_fd, 4096):
+                break
+            dropped += 1
+        return dropped
 
     def bench(self, nr: int, count: int) -> int:
         """Inject syscall ``nr`` (no arguments) ``count`` times back to back; total ns."""
@@ -358,6 +382,9 @@ class Guardian:
         os.close(mmio)
         try:
             self._reap(timeout)
+            # the guardian is gone: nobody else uses the shared bank any more
+            lib.dvs_hv_unmap_bank(self.shared_bank_address, self.shared_bank_size)
+            self.shared_bank_address = 0
         finally:
             if self.guardian_pidfd >= 0:
                 os.close(self.guardian_pidfd)
@@ -402,12 +429,21 @@ class MmioBank:
 
     Reads of [base, base+size) return the bank's bytes (little-endian, as the guest sees
     them), writes store into it; anything outside reads as all-ones and is counted.
+    ``shared_with`` puts the bytes in the guardian's shared bank, where the guardian can
+    answer reads itself (``Guardian.trap_start(reads_from_shared_bank=True)``).
     """
 
-    def __init__(self, base: int, size: int) -> None:
+    def __init__(self, base: int, size: int, shared_with: Guardian | None = None) -> None:
         if size <= 0:
             raise ValueError("the bank needs at least one byte")
-        self._storage = ffi.new("uint8_t[]", size)
+        self._guardian = shared_with  # keeps the shared memory mapped while we use it
+        if shared_with is not None:
+            if size > shared_with.shared_bank_size or not shared_with.shared_bank_address:
+                raise ValueError(f"{size} bytes do not fit the guardian's shared bank")
+            self._storage = ffi.cast("uint8_t *", shared_with.shared_bank_address)
+            ffi.memmove(self._storage, bytes(size), size)
+        else:
+            self._storage = ffi.new("uint8_t[]", size)
         self._bank = ffi.new("struct dvs_mmio_bank *")
         self._bank.base = base
         self._bank.size = size
@@ -417,7 +453,9 @@ class MmioBank:
 
     @property
     def view(self) -> memoryview:
-        """The register bytes, shared with the serving thread."""
+        """The register bytes, shared with the serving thread (and the guardian)."""
+        if self._guardian is not None and not self._guardian.shared_bank_address:
+            raise GuardianError(errno.EPIPE, "the guardian session (and its bank) is gone")
         return memoryview(ffi.buffer(self._storage, self.size))
 
     @property

@@ -222,10 +222,14 @@ def test_irqfd_interrupts_reach_the_guest(guest: MinimalGuest) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_mmio_reads_answered_by_dvs_never_reach_qemu(guest: MinimalGuest) -> None:
+@pytest.mark.parametrize("reads_by_guardian", [False, True], ids=["dvs-loop", "guardian-bank"])
+def test_mmio_reads_answered_by_dvs_never_reach_qemu(
+    guest: MinimalGuest, reads_by_guardian: bool
+) -> None:
     guest.mailbox(Command.WRITE, PC_TESTDEV_IOMEM, 0x1111_1111, 4)  # QEMU's device memory
     with KvmSession(guest.pid, run=True) as session:
-        with session.trap_mmio(PC_TESTDEV_IOMEM, 0x1000) as trap:
+        trap = session.trap_mmio(PC_TESTDEV_IOMEM, 0x1000, reads_by_guardian=reads_by_guardian)
+        with trap:
             trap.set(0x0, 0xCAFE_BABE)
             trap.set(0x8, 0x1122_3344_5566_7788, 8)
             assert guest.mailbox(Command.READ, PC_TESTDEV_IOMEM, 4) == 0xCAFE_BABE

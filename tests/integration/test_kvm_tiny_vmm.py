@@ -94,6 +94,11 @@ def test_rip_rewrite_memory_slot_and_mmio_trap(vmm: TinyVmm) -> None:
             assert trap.reads >= 40 and session.status().n_vcpu_threads == 1
         vmm.wait_iterations(20)
         assert vmm.u32(LAST_WINDOW_VALUE) == VMM_ANSWER  # the VMM answers again
+        with session.trap_mmio(WINDOW_GPA, 0x1000, reads_by_guardian=True) as trap:
+            trap.set(0, 0x600D_BA4C)  # in memory the guardian shares: it answers alone
+            vmm.wait_iterations(20)
+            assert vmm.u32(LAST_WINDOW_VALUE) == 0x600D_BA4C
+            assert trap.reads >= 20 and trap.bank.reads == 0  # dvs's loop never woke
         slot.remove()
         vmm.wait_iterations(20)
         assert vmm.u32(LAST_SLOT_VALUE) == VMM_ANSWER
