@@ -501,7 +501,7 @@ static int stop_all(struct guardian *g, int timeout_ms)
 
 static void resume_all(struct guardian *g)
 {
-	int err = hv_restore_injection_thread(&g->tr);
+	int err = hv_restore_injection_thread(&g->tr, g->running);
 
 	if (err)
 		hv_log(&g->tr, "restoring the injection thread: %s", strerror(-err));
@@ -714,7 +714,7 @@ static void classify_threads(struct guardian *g)
 		if (!t->stopped || ptrace(PTRACE_GETREGS, t->tid, 0, &regs) < 0)
 			continue;
 		if (t->tid == g->tr.inject_tid && g->tr.inject_dirty)
-			regs = g->tr.resume_regs;
+			regs = g->tr.saved_regs;
 		if (regs.orig_rax != SYS_ioctl || regs.rsi != KVM_RUN)
 			continue;
 		v = vcpu_by_fd(g, (int64_t)regs.rdi);
@@ -882,7 +882,7 @@ static void release_target(struct guardian *g)
 			hv_log(&g->tr, "unmapping the scratch buffer failed");
 		g->scratch = 0;
 	}
-	if (hv_restore_injection_thread(&g->tr) < 0)
+	if (hv_restore_injection_thread(&g->tr, 0) < 0)
 		hv_log(&g->tr, "could not restore the injection thread's registers");
 	hv_detach_all(&g->tr);
 	hv_redeliver_deferred(&g->tr);

@@ -350,35 +350,15 @@ static void defer_signal(struct hv_tracer *tr, struct hv_thread *t, int sig)
 	       d->info.si_code, t->tid);
 }
 
-/* The registers the thread must get back so that it continues exactly as it would have:
- * if its stop interrupted a restartable syscall, perform the kernel's restart ourselves
- * (rip back onto the syscall instruction, rax = the syscall number, orig_rax = -1). The
- * thread leaves from the syscall-exit stop of *our* last syscall, and the kernel only looks
- * at restart codes on the way out when a signal is pending: PTRACE_DETACH sets
- * TIF_SIGPENDING (so the kernel would restart it anyway), PTRACE_CONT/SYSCALL do not (the
- * thread would return -ERESTARTSYS = -512 to user space). orig_rax = -1 keeps the kernel
- * from restarting a second time. */
-static void resume_form(const struct user_regs_struct *at_stop, struct user_regs_struct *out)
+/* Does the thread, given back registers `regs`, still have the kernel's syscall-restart
+ * decision ahead of it (an interrupted restartable syscall)? */
+static int restart_pending(const struct user_regs_struct *regs)
 {
-	*out = *at_stop;
-	if ((int64_t)at_stop->orig_rax < 0)
-		return;
-	switch ((int64_t)at_stop->rax) {
-	case -ERESTARTSYS:
-	case -ERESTARTNOINTR:
-	case -ERESTARTNOHAND:
-		out->rax = at_stop->orig_rax;
-		out->rip = at_stop->rip - 2;
-		out->orig_rax = (unsigned long long)-1;
-		break;
-	case -ERESTART_RESTARTBLOCK:
-		out->rax = __NR_restart_syscall;
-		out->rip = at_stop->rip - 2;
-		out->orig_rax = (unsigned long long)-1;
-		break;
-	default:
-		break;
-	}
+	int64_t rax = (int64_t)regs->rax;
+
+	return (int64_t)regs->orig_rax >= 0 &&
+	       (rax == -ERESTARTSYS || rax == -ERESTARTNOINTR || rax == -ERESTARTNOHAND ||
+		rax == -ERESTART_RESTARTBLOCK);
 }
 
 static int wait_thread(struct hv_tracer *tr, int32_t tid, int *status)
@@ -419,10 +399,11 @@ static int make_clean_stop(struct hv_tracer *tr, struct hv_thread **tp)
 				return -EPROTO; /* cannot happen: our syscalls end in exit stops */
 			if (ptrace(PTRACE_GETREGS, t->tid, 0, &regs) < 0)
 				return -errno;
-			tr->resume_regs = regs;
-			tr->resume_regs.rax = regs.orig_rax; /* run it again later */
-			tr->resume_regs.rip = regs.rip - 2;
-			tr->resume_regs.orig_rax = (unsigned long long)-1;
+			/* it has not run yet: give it back as "about to execute" */
+			tr->saved_regs = regs;
+			tr->saved_regs.rax = regs.orig_rax;
+			tr->saved_regs.rip = regs.rip - 2;
+			tr->saved_regs.orig_rax = (unsigned long long)-1;
 			regs.orig_rax = (unsigned long long)-1; /* skip it now */
 			if (ptrace(PTRACE_SETREGS, t->tid, 0, &regs) < 0)
 				return -errno;
@@ -458,14 +439,9 @@ int hv_inject(struct hv_tracer *tr, int64_t nr, const uint64_t args[6], int64_t 
 	err = make_clean_stop(tr, &t);
 	if (err)
 		return err;
-	if (!tr->inject_dirty) {
-		struct user_regs_struct at_stop;
-
-		if (ptrace(PTRACE_GETREGS, t->tid, 0, &at_stop) < 0)
-			return -errno;
-		resume_form(&at_stop, &tr->resume_regs);
-	}
-	regs = tr->resume_regs;
+	if (!tr->inject_dirty && ptrace(PTRACE_GETREGS, t->tid, 0, &tr->saved_regs) < 0)
+		return -errno;
+	regs = tr->saved_regs;
 	regs.rip = tr->syscall_insn;
 	regs.rax = (unsigned long long)nr;
 	regs.orig_rax = (unsigned long long)-1; /* no kernel restart logic on the way out */
@@ -523,7 +499,7 @@ int hv_inject(struct hv_tracer *tr, int64_t nr, const uint64_t args[6], int64_t 
 	return 0;
 }
 
-int hv_restore_injection_thread(struct hv_tracer *tr)
+int hv_restore_injection_thread(struct hv_tracer *tr, int will_continue)
 {
 	struct hv_thread *t = hv_thread_find(tr, tr->inject_tid);
 
@@ -533,9 +509,16 @@ int hv_restore_injection_thread(struct hv_tracer *tr)
 		return -ESRCH;
 	if (!t->stopped)
 		return -EBUSY;
-	if (ptrace(PTRACE_SETREGS, t->tid, 0, &tr->resume_regs) < 0)
+	if (ptrace(PTRACE_SETREGS, t->tid, 0, &tr->saved_regs) < 0)
 		return -errno;
 	tr->inject_dirty = 0;
+	/* The thread sits at the exit stop of our last syscall. PTRACE_DETACH sets TIF_SIGPENDING,
+	 * so on its way out the kernel runs get_signal() and then its restart-or-EINTR decision
+	 * on these registers, exactly as it would have without us. PTRACE_CONT does not: a
+	 * PTRACE_INTERRUPT now makes it pass through get_signal() (an extra event stop) first. */
+	if (will_continue && restart_pending(&tr->saved_regs) &&
+	    ptrace(PTRACE_INTERRUPT, t->tid, 0, 0) < 0)
+		return -errno;
 	return 0;
 }
 

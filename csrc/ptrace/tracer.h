@@ -75,8 +75,8 @@ struct hv_tracer {
 	/* injection */
 	int32_t inject_tid;
 	uint64_t syscall_insn;
-	int inject_dirty;      /* the injection thread's registers are ours, resume_regs are its own */
-	struct user_regs_struct resume_regs;
+	int inject_dirty;      /* the injection thread's registers are ours, saved_regs its own */
+	struct user_regs_struct saved_regs;
 	uint64_t injected;
 	/* signals held back while the injection thread ran our syscalls */
 	struct hv_deferred_signal deferred[HV_MAX_DEFERRED];
@@ -108,8 +108,9 @@ int hv_resume(struct hv_tracer *tr, struct hv_thread *t, int syscall_stops);
 /* Run one syscall in the injection thread (stopped). 0 and *result, or -errno of the
  * mechanism (-ESRCH: target gone). */
 int hv_inject(struct hv_tracer *tr, int64_t nr, const uint64_t args[6], int64_t *result);
-/* Give the injection thread back its own registers (no-op when clean). */
-int hv_restore_injection_thread(struct hv_tracer *tr);
+/* Give the injection thread back its own registers (no-op when clean). `will_continue`: it
+ * is about to be resumed with PTRACE_CONT/SYSCALL rather than detached. */
+int hv_restore_injection_thread(struct hv_tracer *tr, int will_continue);
 /* Re-queue held-back signals to the target. */
 void hv_redeliver_deferred(struct hv_tracer *tr);
 /* PTRACE_DETACH every stopped thread (the caller stops them first). */

@@ -19,7 +19,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hv_support import ProcessSnapshot, assert_restored, tracer_pids, wait_untraced
+from hv_support import (
+    ProcessSnapshot,
+    assert_restored,
+    tracer_pids,
+    user_threads,
+    wait_untraced,
+)
 
 from dvs.hypervisor import KvmSession, find_kvm, vcpu_states
 from dvs.hypervisor.errors import KvmOperationFailed
@@ -74,6 +80,13 @@ def test_discovery_finds_the_vm_vcpu_and_kvm_run(guest: MinimalGuest) -> None:
     assert os.readlink(f"/proc/{guest.pid}/fd/{vcpu.fd}") == "anon_inode:kvm-vcpu:0"
     assert vcpu.kvm_run_address is not None
     with KvmSession(guest.pid) as session:
+        # every thread that runs user code is ours; KVM's own worker thread in QEMU's thread
+        # group (kvm-nx-lpage-recovery, PF_USER_WORKER) is left alone
+        tracers = tracer_pids(guest.pid)
+        workers = set(tracers) - set(user_threads(guest.pid))
+        assert {tracers[tid] for tid in user_threads(guest.pid)} == {session.guardian_pid}
+        assert all(tracers[tid] == 0 for tid in workers)
+        assert session.status().n_threads == len(user_threads(guest.pid))
         local = bytes(session.kvm_run(0)[:64])
         with open(f"/proc/{guest.pid}/mem", "rb", buffering=0) as mem:
             mem.seek(vcpu.kvm_run_address)

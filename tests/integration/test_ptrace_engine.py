@@ -5,7 +5,10 @@ restoration when dvs dies.
 Semantics relied on: the target is an ordinary multi-threaded Python process whose main
 thread blocks in read(0) (a restartable syscall: interrupting it yields -ERESTARTSYS, which
 must turn back into the same read after detach) and whose SIGUSR1 handler prints one line
-per delivery. /proc/PID/task/TID/status shows TracerPid and ``t (tracing stop)``.
+per delivery. Python runs handlers in the main thread only, so the other threads block
+SIGUSR1: the kernel hands a process-directed signal to any thread that does not block it and
+is not in a ptrace-stop, and one taken by a sleeper thread would never wake the main thread.
+/proc/PID/task/TID/status shows TracerPid and ``t (tracing stop)``.
 """
 
 from __future__ import annotations
@@ -37,10 +40,16 @@ TARGET = textwrap.dedent(
         count += 1
         os.write(1, b"usr1 %d\\n" % count)
     signal.signal(signal.SIGUSR1, on_usr1)
+    def sleep_without_usr1(seconds):
+        # Python runs handlers in the main thread only: keep SIGUSR1 off the other threads
+        # (as QEMU does with its signals), so a delivery always reaches the main thread
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        time.sleep(seconds)
     for _ in range(int(sys.argv[1])):
-        threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start()
+        threading.Thread(target=sleep_without_usr1, args=(1e6,), daemon=True).start()
     if sys.argv[2] == "spawn":
         def spawner():
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
             while True:
                 threading.Thread(target=time.sleep, args=(0.003,)).start()
                 time.sleep(0.001)
