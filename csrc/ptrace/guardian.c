@@ -371,8 +371,8 @@ static void on_stop(struct guardian *g, struct hv_thread *t)
 	}
 	switch (t->stop_kind) {
 	case HV_STOP_SIGNAL:
-		/* Deliver it now (hv_resume passes resume_sig), whatever the mode: the thread then
-		 * runs on into the interrupt stop if one is due. */
+		/* Deliver it now (hv_resume passes resume_sig), whatever the mode. This stop used up
+		 * any pending PTRACE_INTERRUPT; stop_all() interrupts threads running again. */
 		hv_resume(&g->tr, t, wants_syscall_stops(g, t));
 		return;
 	case HV_STOP_SYSCALL_ENTRY:
