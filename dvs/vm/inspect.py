@@ -4,8 +4,10 @@ The data model is a tree of dataclasses that serialises to JSON unchanged: the h
 process, the guest RAM regions (guest-physical -> host-virtual), and the kernel found in them
 (version, KASLR offsets, paging mode, memory-layout bases, symbol-table sizes, a few resolved
 symbols and struct member offsets from the guest's own BTF, and the checks that validated it).
-``vcpus`` stays ``None`` until a backend that can read vCPU registers (KVM, through the
-hypervisor) fills it; the kernel facts never depend on registers.
+``vcpus`` is filled only when the hypervisor is a KVM VMM: dvs.hypervisor reads each vCPU's
+registers by syscall injection (a few milliseconds of stopped threads). Under TCG there are no
+KVM vCPUs to ask and ``vcpus`` stays ``None``; the kernel facts never depend on registers, and
+a KVM guest that runs no Linux kernel is still described (regions unplaced, vCPUs, a problem).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dvs.vm.errors import GuestLayoutError
+from dvs.lowlevel.guestmem import GuestMemoryFault
+from dvs.vm.errors import GuestLayoutError, KernelNotFound, TranslationFault
 from dvs.vm.kernel import LinuxKernel, find_kernel
+from dvs.vm.memory import HypervisorProcess
+from dvs.vm.paging import PageTables
 
 SHOWN_SYMBOLS = (
     "_text",
@@ -57,6 +62,10 @@ class VcpuInfo:
 
     index: int
     registers: dict[str, int] = field(default_factory=dict)
+    paging_mode: str = ""
+    page_table_root: int | None = None
+    cpl: int | None = None
+    exit_reason: str | None = None
 
 
 @dataclass
@@ -136,8 +145,13 @@ class VmInspection:
             lines += [f"check        {c}" for c in k.checks]
         if self.vcpus is not None:
             for v in self.vcpus:
+                root = f"{v.page_table_root:#x}" if v.page_table_root is not None else "none"
+                lines.append(
+                    f"vcpu {v.index}       {v.paging_mode} paging, CPL {v.cpl}, page tables at "
+                    f"{root}, last exit {v.exit_reason}"
+                )
                 regs = " ".join(f"{n}={x:#x}" for n, x in v.registers.items())
-                lines.append(f"vcpu {v.index}       {regs}")
+                lines.append(f"  {regs}")
         lines += [f"problem      {p}" for p in self.problems]
         lines.append(f"took         {self.seconds:.2f} s")
         return "\n".join(lines)
@@ -202,10 +216,58 @@ def describe_kernel(kernel: LinuxKernel) -> tuple[KernelInfo, list[str]]:
     return info, problems
 
 
-def inspect_vm(pid: int) -> tuple[VmInspection, LinuxKernel]:
-    """Find the guest kernel of hypervisor ``pid`` and describe the VM."""
+def read_vcpus(pid: int) -> list[VcpuInfo] | None:
+    """The vCPU state of a KVM hypervisor (None for TCG and other non-KVM processes)."""
+    from dvs.hypervisor.discovery import is_kvm_hypervisor
+    from dvs.hypervisor.session import vcpu_states
+
+    if not is_kvm_hypervisor(pid):
+        return None
+    infos = []
+    for state in vcpu_states(pid):
+        registers = {name: state.regs.as_dict()[name] for name in VCPU_REGISTERS}
+        registers |= {
+            "cr0": state.sregs.cr0,
+            "cr3": state.cr3,
+            "cr4": state.sregs.cr4,
+            "efer": state.sregs.efer,
+        }
+        infos.append(
+            VcpuInfo(
+                state.index,
+                registers,
+                state.paging_mode,
+                state.page_table_root,
+                state.cpl,
+                state.exit_reason,
+            )
+        )
+    return infos
+
+
+VCPU_REGISTERS = ("rip", "rsp", "rflags")
+
+
+def inspect_vm(pid: int) -> tuple[VmInspection, LinuxKernel | None]:
+    """Describe the VM of hypervisor ``pid``: its guest kernel and, on KVM, its vCPUs.
+
+    Without KVM vCPUs a missing kernel is an error (``KernelNotFound``); with them the VM is
+    still described and the missing kernel becomes a problem.
+    """
     started = time.monotonic()
-    kernel = find_kernel(pid)
+    vcpus = read_vcpus(pid)
+    try:
+        kernel = find_kernel(pid)
+    except KernelNotFound as exc:
+        if vcpus is None:
+            raise
+        process = HypervisorProcess.of(pid)
+        inspection = VmInspection(
+            pid=pid, hypervisor=process.kind, comm=process.comm, exe=process.exe,
+            layout="unknown (no Linux kernel to validate a layout)", regions=[], kernel=None,
+            seconds=time.monotonic() - started, vcpus=vcpus, problems=[str(exc)],
+        )  # fmt: skip
+        return inspection, None
     info, problems = describe_kernel(kernel)
     ram = kernel.ram
     regions = [
@@ -217,6 +279,11 @@ def inspect_vm(pid: int) -> tuple[VmInspection, LinuxKernel]:
         )
         for r in ram.regions
     ]
+    for vcpu in vcpus or []:
+        if vcpu.cpl == 0 and vcpu.page_table_root not in (None, kernel.root_pa):
+            # a vCPU in the kernel runs on some process's page tables; they must still map
+            # the kernel image where the memory-only finder placed it
+            problems += _check_vcpu_root(kernel, vcpu)
     inspection = VmInspection(
         pid=pid,
         hypervisor=ram.process.kind,
@@ -226,6 +293,19 @@ def inspect_vm(pid: int) -> tuple[VmInspection, LinuxKernel]:
         regions=regions,
         kernel=info,
         seconds=time.monotonic() - started,
+        vcpus=vcpus,
         problems=problems,
     )
     return inspection, kernel
+
+
+def _check_vcpu_root(kernel: LinuxKernel, vcpu: VcpuInfo) -> list[str]:
+    assert vcpu.page_table_root is not None
+    try:
+        tables = PageTables(kernel.ram.mem, vcpu.page_table_root, kernel.paging_mode)
+        pa = tables.translate(kernel.text_va).pa
+    except (TranslationFault, GuestMemoryFault) as exc:
+        return [f"vCPU {vcpu.index}'s page tables do not map _text: {exc}"]
+    if pa != kernel.text_pa:
+        return [f"vCPU {vcpu.index}'s page tables map _text at {pa:#x}, not {kernel.text_pa:#x}"]
+    return []
