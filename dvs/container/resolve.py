@@ -366,11 +366,19 @@ def _our_ancestors(proc: str) -> set[int]:
     return seen
 
 
+def _topmost(members: Sequence[int], proc: str) -> int:
+    """Of processes sharing namespaces, the one whose parent is not among them (the
+    container's init), oldest first, lowest pid on a tie (start times tick at 10 ms)."""
+    member_set = set(members)
+    tops = [p for p in members if _ppid(p, proc) not in member_set] or list(members)
+    return min(tops, key=lambda p: (start_ticks(p, proc) or 0, p))
+
+
 def _pick_init(pids: Sequence[int], proc: str, what: str, name: str) -> int:
     """From processes that all matched, the one that is the container's init.
 
     They must share one mount and pid namespace (else the name is ambiguous); among them
-    the topmost process (whose parent did not match), oldest first, is the init.
+    the topmost process is the init.
     """
     groups: dict[tuple[str, str], list[int]] = {}
     for pid in pids:
@@ -382,14 +390,11 @@ def _pick_init(pids: Sequence[int], proc: str, what: str, name: str) -> int:
     if len(groups) > 1:
         candidates = []
         for members in groups.values():
-            first = min(members, key=lambda p: start_ticks(p, proc) or 0)
+            first = _topmost(members, proc)
             cmd = (_read(f"{proc}/{first}/cmdline") or b"").replace(b"\0", b" ").strip()
             candidates.append(f"pid {first}: {cmd.decode(errors='replace')[:100]}")
         raise AmbiguousTarget(name, candidates)
-    members = next(iter(groups.values()))
-    member_set = set(members)
-    tops = [p for p in members if _ppid(p, proc) not in member_set] or members
-    return min(tops, key=lambda p: (start_ticks(p, proc) or 0, p))
+    return _topmost(next(iter(groups.values())), proc)
 
 
 def pids_in_cgroup_of(container_id: str, proc: str = "/proc") -> list[int]:

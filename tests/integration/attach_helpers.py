@@ -185,3 +185,12 @@ def wait_until_clean(
         if clean or time.monotonic() > deadline:
             return now
         time.sleep(0.05)
+
+
+def require(host: object, *tools: str) -> None:
+    """Skip (with the probe's word for it) unless every engine tool is installed."""
+    import pytest
+
+    missing = [t for t in tools if not host.has_tool(t)]  # type: ignore[attr-defined]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (dvs probe)")

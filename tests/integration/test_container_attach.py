@@ -16,9 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from attach_helpers import Snapshot, dvs, pid_ns, settled_pids_in_ns, text, wait_until_clean
+from attach_helpers import (
+    Snapshot,
+    dvs,
+    pid_ns,
+    require,
+    settled_pids_in_ns,
+    text,
+    wait_until_clean,
+)
 
 from dvs.container import PIPE, AttachOptions, Session, attach, exec_in
+from dvs.probe import ProbeReport
 from dvs.testing.container_rootfs import CONTAINER_HOSTNAME, USERNS_ID_BASE
 from dvs.testing.containers import OciContainer, run_container
 
@@ -26,8 +35,9 @@ pytestmark = [pytest.mark.containers, pytest.mark.root, pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def box() -> Iterator[OciContainer]:
+def box(host: ProbeReport) -> Iterator[OciContainer]:
     """One idle runc container shared by the read-only checks of this module."""
+    require(host, "runc")
     with run_container("runc") as container:
         yield container
 
@@ -215,7 +225,8 @@ def test_read_only_root() -> None:
 
 
 @pytest.mark.parametrize("runtime", ["runc", "crun"])
-def test_user_namespaced_container_ownership_both_ways(runtime: str) -> None:
+def test_user_namespaced_container_ownership_both_ways(runtime: str, host: ProbeReport) -> None:
+    require(host, runtime)
     with (
         run_container(runtime, userns=True) as box,
         tempfile.TemporaryDirectory(dir="/var/tmp") as tools_tmp,
@@ -244,7 +255,8 @@ def test_user_namespaced_container_ownership_both_ways(runtime: str) -> None:
         assert int(lines[7]) == len(inside) + 3
 
 
-def test_crun_and_podman_containers() -> None:
+def test_crun_and_podman_containers(host: ProbeReport) -> None:
+    require(host, "crun", "podman")
     from dvs.testing.containers import run_podman
 
     with run_container("crun") as crun_box:
@@ -257,8 +269,9 @@ def test_crun_and_podman_containers() -> None:
             assert text(result).split()[0] == "1"
 
 
-def test_podman_seccomp_filter_is_inherited_unless_disabled() -> None:
+def test_podman_seccomp_filter_is_inherited_unless_disabled(host: ProbeReport) -> None:
     """podman's default profile refuses io_uring_setup with ENOSYS; so must the shell."""
+    require(host, "podman")
     from dvs.testing.containers import run_podman
 
     probe = (
@@ -509,7 +522,8 @@ def test_fuse_backend_when_cntrfs_provides_it() -> None:
         assert lines[2] == CONTAINER_HOSTNAME
 
 
-def test_exec_in_a_user_namespaced_read_only_container() -> None:
+def test_exec_in_a_user_namespaced_read_only_container(host: ProbeReport) -> None:
+    require(host, "crun")
     with run_container("crun", userns=True, readonly=True) as box:
         result = dvs("exec", box.id, "--", "sh", "-c", "id -u; stat -c %u /bin/busybox; touch /x")
         lines = text(result).splitlines()

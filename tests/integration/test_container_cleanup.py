@@ -24,13 +24,20 @@ from attach_helpers import (
     children_of,
     dvs,
     is_alive,
+    require,
     wait_until_clean,
 )
 
 from dvs.container import AttachFailed, Session
+from dvs.probe import ProbeReport
 from dvs.testing.containers import OciContainer, run_container
 
 pytestmark = [pytest.mark.containers, pytest.mark.root, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(autouse=True)
+def _runc_installed(host: ProbeReport) -> None:
+    require(host, "runc")
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from attach_helpers import require
+
+from dvs.probe import ProbeReport
 
 pytestmark = [pytest.mark.containers, pytest.mark.root, pytest.mark.timeout(120)]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 
-def test_demo_container(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_container(capsys: pytest.CaptureFixture[str], host: ProbeReport) -> None:
+    require(host, "runc")
     import demo_container
 
     demo_container.run()

@@ -16,15 +16,22 @@ import time
 from pathlib import Path
 
 import pytest
-from attach_helpers import Snapshot, dvs, wait_until_clean
+from attach_helpers import Snapshot, dvs, require, wait_until_clean
 
 from dvs.container import AmbiguousTarget, BackendUnavailable, Session, resolve
 from dvs.container.resolve import DEFAULT_TYPES, Env, resolve_pid
 from dvs.errors import NotPermitted, TargetGone, TargetNotFound
 from dvs.lowlevel import sys as llsys
+from dvs.probe import ProbeReport
 from dvs.testing.containers import run_container
 
 pytestmark = [pytest.mark.containers, pytest.mark.root, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(autouse=True)
+def _runc_installed(host: ProbeReport) -> None:
+    require(host, "runc")
+
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+from attach_helpers import require
 
 from dvs.container.resolve import Env, resolve, start_ticks
 from dvs.errors import TargetNotFound
+from dvs.probe import ProbeReport
 from dvs.testing.containers import run_container, run_podman
 
 pytestmark = [pytest.mark.containers, pytest.mark.root, pytest.mark.timeout(120)]
@@ -27,7 +29,8 @@ pytestmark = [pytest.mark.containers, pytest.mark.root, pytest.mark.timeout(120)
     ("runtime", "state_file"),
     [("runc", "/run/runc/{id}/state.json"), ("crun", "/run/crun/{id}/status")],
 )
-def test_oci_runtimes_by_state_directory(runtime: str, state_file: str) -> None:
+def test_oci_runtimes_by_state_directory(runtime: str, state_file: str, host: ProbeReport) -> None:
+    require(host, runtime)
     with run_container(runtime) as box:
         with resolve(box.id) as target:  # the default order finds it without -t
             assert target.pid == box.pid
@@ -41,7 +44,8 @@ def test_oci_runtimes_by_state_directory(runtime: str, state_file: str) -> None:
     assert info.value.tried[0].startswith(f"{runtime}: no state in /run/{runtime}")
 
 
-def test_podman_by_name_id_and_prefix_and_by_cgroup() -> None:
+def test_podman_by_name_id_and_prefix_and_by_cgroup(host: ProbeReport) -> None:
+    require(host, "podman", "crun")
     with run_podman("crun") as pod:
         for name in (pod.name, pod.id, pod.id[:12]):
             with resolve(name, ["podman"]) as target:
