@@ -47,13 +47,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import select
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import termios
 import threading
 import time
@@ -84,6 +84,7 @@ OVERLAYS: tuple[str, ...] = (
     "etc/resolv.conf",
     "etc/localtime",
 )
+log = logging.getLogger("dvs.container")
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 #: capabilities dvs itself needs (SYS_ADMIN: mounts, setns; SYS_PTRACE: /proc of others,
@@ -279,7 +280,6 @@ class Session:
         )
 
         fds_for_child: list[int] = []
-        ours: list[int] = []
         try:
             cgroup_fds = self._open_cgroups(ctx, fds_for_child)
             tools_fd = -1
@@ -289,7 +289,7 @@ class Session:
                 tools_fd = self.view.make_mount_fd(ctx)
                 fds_for_child.append(tools_fd)
                 self.warnings.extend(getattr(self.view, "warnings", []))
-            stdio = self._open_stdio(stdin, stdout, stderr, fds_for_child, ours)
+            stdio = self._open_stdio(stdin, stdout, stderr, fds_for_child)
             # without a terminal on stdin nobody does job control for the command: give it
             # a session of its own, so what it leaves running is found by session id
             self.own_session = self.tty or not os.isatty(stdio[0] if stdio[0] >= 0 else 0)
@@ -369,7 +369,6 @@ class Session:
         stdout: StdSpec,
         stderr: StdSpec,
         for_child: list[int],
-        ours: list[int],
     ) -> tuple[int, int, int]:
         result = []
         for index, spec in enumerate((stdin, stdout, stderr)):
@@ -379,7 +378,6 @@ class Session:
                 r, w = os.pipe()
                 child, parent = (r, w) if index == 0 else (w, r)
                 for_child.append(child)
-                ours.append(parent)
                 f = os.fdopen(parent, "wb" if index == 0 else "rb", buffering=0)
                 setattr(self, ("stdin", "stdout", "stderr")[index], f)
                 result.append(child)
@@ -569,12 +567,10 @@ class Session:
                 if f is not None:
                     with contextlib.suppress(OSError):
                         f.close()
-            for attr in ("master_fd",):
-                fd = getattr(self, attr)
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                    setattr(self, attr, None)
+            if self.master_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.master_fd)
+                self.master_fd = None
             if self._cmd_pidfd >= 0:
                 os.close(self._cmd_pidfd)
                 self._cmd_pidfd = -1
@@ -611,7 +607,7 @@ def attach(
     opts = options or AttachOptions(**option_values)
     with Session(target, command, options=opts, stdin=stdin, stdout=stdout, stderr=stderr) as s:
         for warning in s.warnings:
-            print(f"dvs: warning: {warning}", file=sys.stderr)
+            log.warning("%s", warning)
         return s.wait()
 
 
@@ -631,5 +627,5 @@ def exec_in(
         target, command, mode="exec", options=opts, stdin=stdin, stdout=stdout, stderr=stderr
     ) as s:
         for warning in s.warnings:
-            print(f"dvs: warning: {warning}", file=sys.stderr)
+            log.warning("%s", warning)
         return s.wait()
