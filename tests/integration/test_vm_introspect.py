@@ -15,6 +15,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +307,12 @@ def run_sideload_series(guest: LinuxGuest, kernel: LinuxKernel, runs: int) -> No
     try:
         for run in range(runs):
             results.append(loader.inject(f"dvs-sideload {tag} run {run + 1}", timeout=60))
+        # the console prints after the log buffer has the line: on a loaded host the UART
+        # lags, so wait for the last marker before taking the snapshot
+        last = f"dvs-sideload {tag} run {runs}"
+        deadline = time.monotonic() + 30
+        while last not in guest.serial_log and time.monotonic() < deadline:
+            time.sleep(0.1)
         console = guest.serial_log  # before any command echoes the kernel log back
     finally:
         guest.check("dmesg -n 1")
