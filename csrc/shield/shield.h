@@ -163,6 +163,9 @@ int dvs_shield_flush(struct dvs_shield_volume *v);
  * hold data. */
 int64_t dvs_shield_verify(struct dvs_shield_volume *v, uint64_t first, uint64_t n);
 int dvs_shield_status(struct dvs_shield_volume *v, struct dvs_shield_status *out);
+/* The physical blocks the committed state refers to (superblocks, tree nodes, data), after
+ * loading and authenticating the whole tree; fills up to max, returns the total. */
+int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint64_t max);
 int dvs_shield_anchor(struct dvs_shield_volume *v, struct dvs_shield_anchor *out);
 /* Flush (unless discard) and free; the engine stays the caller's. */
 int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard);

@@ -1539,6 +1539,48 @@ int64_t dvs_shield_verify(struct dvs_shield_volume *v, uint64_t first, uint64_t 
 	return written;
 }
 
+static int emit(uint64_t *out, uint64_t max, uint64_t *n, uint64_t block)
+{
+	if (*n < max)
+		out[*n] = block;
+	(*n)++;
+	return 0;
+}
+
+/* Walk the committed tree top-down (it has to be clean: call after a flush). */
+static int walk_live(struct dvs_shield_volume *v, uint32_t l, uint64_t j, const struct entry *pe,
+		     uint64_t *out, uint64_t max, uint64_t *n)
+{
+	if (!pe->counter)
+		return 0;
+	emit(out, max, n, meta_phys(v, l, j, pe->flags & 1));
+	int ret = ensure_nodes(v, l, j, j);
+	if (ret)
+		return ret;
+	struct node *node = node_get(v, l, j);
+	for (uint32_t k = 0; k < FANOUT; k++) {
+		const struct entry *e = &node->e[k];
+		if (!e->counter)
+			continue;
+		if (l == 0)
+			emit(out, max, n, data_phys(v, j * FANOUT + k, e->flags & 1));
+		else if ((ret = walk_live(v, l - 1, j * FANOUT + k, e, out, max, n)))
+			return ret;
+	}
+	return 0;
+}
+
+int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint64_t max)
+{
+	if (v->tree_dirty || v->n_wdirty || v->n_winflight)
+		return -EBUSY;
+	uint64_t n = 0;
+	emit(out, max, &n, 0);
+	emit(out, max, &n, 1);
+	int ret = walk_live(v, v->levels - 1, 0, &v->committed_root, out, max, &n);
+	return ret ? ret : (int64_t)n;
+}
+
 int dvs_shield_status(struct dvs_shield_volume *v, struct dvs_shield_status *out)
 {
 	fill_status(v, out);

@@ -132,6 +132,7 @@ class Header:
     kdf_salt: bytes
     volume_id: bytes
     capacity_blocks: int
+    data_base: int
     seal_counter: int
 
 
@@ -155,6 +156,7 @@ def parse_header(block: bytes) -> Header:
         kdf_salt=bytes(out.kdf_salt),
         volume_id=bytes(out.volume_id),
         capacity_blocks=out.capacity_blocks,
+        data_base=out.data_base,
         seal_counter=out.seal_counter,
     )
 
@@ -375,6 +377,17 @@ class VolumeHandle:
         st = ffi.new("struct dvs_shield_status *")
         lib.dvs_shield_status(self._live(), st)
         return _status(st)
+
+    def live_blocks(self) -> list[int]:
+        """Physical blocks the committed state uses (loads and checks the whole tree)."""
+        n = lib.dvs_shield_live_blocks(self._live(), ffi.NULL, 0)
+        if n < 0:
+            self._fail(int(n), "list live blocks")
+        out = ffi.new("uint64_t[]", max(int(n), 1))
+        n = lib.dvs_shield_live_blocks(self._live(), out, n)
+        if n < 0:
+            self._fail(int(n), "list live blocks")
+        return sorted(int(out[i]) for i in range(n))
 
     def anchor(self) -> Anchor:
         a = ffi.new("struct dvs_shield_anchor *")

@@ -409,6 +409,10 @@ class Volume:
     def status(self) -> Status:
         return self._live().status()
 
+    def live_blocks(self) -> list[int]:
+        """The file's 4 KiB blocks the committed state uses (after a flush)."""
+        return self._live().live_blocks()
+
     def io_stats(self) -> IoStats:
         return self.engine.stats()
 
