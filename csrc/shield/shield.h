@@ -8,11 +8,14 @@
  *                nonce) authenticated as GCM associated data, then a 128-byte sealed
  *                payload (epoch, nonce reservation, size in bytes, the root entry), its tag,
  *                and zeros to the end of the block (checked).
- *   meta region  the MAC tree: node (level l, index j) in two slots; a node is 128 entries
- *                of 32 bytes, sealed as one block. Leaves (level 0) describe data blocks,
- *                inner nodes describe child nodes; the top level is one root node whose
- *                entry lives in the superblock.
- *   data region  data block i in slot 0 at data_base + i, slot 1 at data_base + capacity + i.
+ *   inner nodes  the MAC tree above the leaves: node (level l >= 1, index j) in two
+ *                slots; a node is 128 entries of 32 bytes, sealed as one block. Inner nodes
+ *                describe child nodes; the top level is one root node whose entry lives in
+ *                the superblock.
+ *   chunks       from data_base, one chunk of 258 blocks per leaf j: the leaf's two slots,
+ *                then its 128 data blocks as two groups of 64, each group slot 0 then slot
+ *                1. Leaves describe data blocks. The file grows with the data written, not
+ *                with the capacity, and runs of up to 64 blocks are contiguous.
  * An entry is {u64 counter, u32 salt, u32 flags (bit 0: slot), u8 tag[16]}. counter 0 means
  * "never written": the block (or the whole subtree) reads as zeros without any I/O.
  *
@@ -174,6 +177,46 @@ int dvs_shield_scrypt(const uint8_t *pass, uint32_t pass_len, const uint8_t *sal
 		      uint32_t log2_n, uint32_t r, uint32_t p, uint8_t *out32);
 /* Seal (or open) n blocks in memory with one context: the crypto ceiling of this code. */
 int dvs_shield_crypto_bench(uint32_t n, uint32_t open, uint64_t *elapsed_ns);
+
+/* ---- the SQLite VFS (vfs.c) ----
+ * Registers a sqlite3_vfs whose files are sealed volumes (one volume per database,
+ * journal or temporary file), so unmodified SQL -- including Python's own sqlite3 module,
+ * which links the same libsqlite3 -- runs on authenticated, encrypted storage:
+ * sqlite3.connect("file:x.db?vfs=NAME", uri=True). */
+struct dvs_vfs_config {
+	const char *name;
+	uint32_t kdf;           /* DVS_KDF_RAW or DVS_KDF_DERIVED */
+	uint32_t scrypt_log2_n; /* DERIVED: the parameters and salt the key came from */
+	uint32_t scrypt_r;
+	uint32_t scrypt_p;
+	uint8_t salt[32];
+	uint8_t secret[32];
+	uint64_t capacity_blocks; /* of every file it creates */
+	uint32_t engine_kind;     /* DVS_ENGINE_RING or DVS_ENGINE_THREADS */
+	uint32_t read_slots;
+	uint32_t write_slots;
+	uint32_t make_default;
+};
+struct dvs_vfs_info {
+	uint64_t files_opened;
+	uint64_t volumes_formatted;
+	uint64_t syncs;
+	uint64_t integrity_failures;
+	uint64_t open_files;
+	/* engine counters summed over every volume the VFS has used */
+	uint64_t io_completed;
+	uint64_t io_syscalls;
+	/* the last integrity failure */
+	uint32_t fail_kind;
+	uint32_t fail_level;
+	uint64_t fail_index;
+	char fail_path[256];
+};
+int dvs_vfs_register(const struct dvs_vfs_config *cfg);
+int dvs_vfs_unregister(const char *name);
+int dvs_vfs_info(const char *name, struct dvs_vfs_info *out);
 /* cffi:end */
+
+uint64_t dvs_shield_size(struct dvs_shield_volume *v);
 
 #endif

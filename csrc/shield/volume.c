@@ -189,14 +189,24 @@ static uint8_t *wslot(struct dvs_shield_volume *v, uint32_t i)
 	return v->arena + (uint64_t)(2 + v->read_slots + i) * BLK;
 }
 
+/* A chunk per leaf: the leaf's two slots, then its 128 data blocks as two groups of 64,
+ * each group slot 0 then slot 1. The file grows with the data (not with the capacity), and
+ * up to 64 consecutive blocks of one slot are contiguous on disk. */
+#define GROUP 64u
+#define CHUNK (2u + 2u * FANOUT)
+
 static uint64_t data_phys(const struct dvs_shield_volume *v, uint64_t block, uint32_t slot)
 {
-	return v->data_base + (uint64_t)slot * v->capacity + block;
+	uint64_t in_chunk = block % FANOUT;
+	return v->data_base + (block / FANOUT) * CHUNK + 2 + (in_chunk / GROUP) * 2 * GROUP +
+	       (uint64_t)slot * GROUP + in_chunk % GROUP;
 }
 
 static uint64_t meta_phys(const struct dvs_shield_volume *v, uint32_t level, uint64_t index,
 			  uint32_t slot)
 {
+	if (level == 0)
+		return v->data_base + index * CHUNK + slot;
 	return v->level_base[level] + 2 * index + slot;
 }
 
@@ -217,20 +227,21 @@ static int geometry(uint64_t capacity, uint32_t *levels, uint64_t *count, uint64
 		return -EINVAL;
 	uint64_t c = (capacity + FANOUT - 1) / FANOUT;
 	uint32_t l = 0;
-	uint64_t at = 2; /* after the two superblock slots */
+	uint64_t at = 2; /* after the two superblock slots: the inner levels, two slots each */
 	for (;;) {
 		if (l >= MAX_LEVELS)
 			return -EINVAL;
 		count[l] = c;
-		base[l] = at;
-		at += 2 * c;
+		base[l] = l ? at : 0; /* leaves live in the chunks */
+		if (l)
+			at += 2 * c;
 		l++;
 		if (c == 1)
 			break;
 		c = (c + FANOUT - 1) / FANOUT;
 	}
 	*levels = l;
-	*data_base = (at + 255) / 256 * 256; /* 1 MiB aligned */
+	*data_base = (at + 255) / 256 * 256; /* the chunks start 1 MiB aligned */
 	return 0;
 }
 
@@ -1579,6 +1590,11 @@ int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint6
 	emit(out, max, &n, 1);
 	int ret = walk_live(v, v->levels - 1, 0, &v->committed_root, out, max, &n);
 	return ret ? ret : (int64_t)n;
+}
+
+uint64_t dvs_shield_size(struct dvs_shield_volume *v)
+{
+	return v->size;
 }
 
 int dvs_shield_status(struct dvs_shield_volume *v, struct dvs_shield_status *out)

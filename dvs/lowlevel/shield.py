@@ -410,3 +410,90 @@ def crypto_bench(blocks: int, *, open_: bool = False) -> float:
     ns = ffi.new("uint64_t *")
     check(lib.dvs_shield_crypto_bench(blocks, int(open_), ns), "crypto bench")
     return int(ns[0]) / 1e9
+
+
+# ---- the SQLite VFS (csrc/shield/vfs.c) -------------------------------------------------
+
+
+@dataclass
+class VfsInfo:
+    files_opened: int
+    volumes_formatted: int
+    syncs: int
+    integrity_failures: int
+    open_files: int
+    io_completed: int
+    io_syscalls: int
+    fail_kind: int
+    fail_level: int
+    fail_index: int
+    fail_path: str
+
+    def failure(self) -> IntegrityError | None:
+        """The last integrity failure as an IntegrityError naming the file and block."""
+        if not self.integrity_failures:
+            return None
+        kind = _FAIL_WHAT.get(self.fail_kind, "volume")
+        if self.fail_kind == lib.DVS_FAIL_META:
+            kind = f"tree node (level {self.fail_level})"
+        return IntegrityError(f"{kind} of {self.fail_path}", self.fail_index)
+
+
+def vfs_register(
+    name: str,
+    key: Key,
+    *,
+    capacity_blocks: int,
+    engine_kind: int,
+    read_slots: int,
+    write_slots: int,
+    make_default: bool = False,
+) -> None:
+    """Register a SQLite VFS; ``key`` must be RAW or DERIVED (no scrypt per file)."""
+    if key.kdf not in (KDF_RAW, KDF_DERIVED) or len(key.secret) != 32:
+        raise ValueError("the VFS needs a raw key or an already derived one (32 bytes)")
+    c_name = ffi.new("char[]", name.encode())
+    cfg = ffi.new(
+        "struct dvs_vfs_config *",
+        {
+            "name": c_name,
+            "kdf": key.kdf,
+            "scrypt_log2_n": key.scrypt_log2_n if key.kdf == KDF_DERIVED else 0,
+            "scrypt_r": key.scrypt_r if key.kdf == KDF_DERIVED else 0,
+            "scrypt_p": key.scrypt_p if key.kdf == KDF_DERIVED else 0,
+            "salt": list(key.salt),
+            "secret": list(key.secret),
+            "capacity_blocks": capacity_blocks,
+            "engine_kind": engine_kind,
+            "read_slots": read_slots,
+            "write_slots": write_slots,
+            "make_default": int(make_default),
+        },
+    )
+    ret = lib.dvs_vfs_register(cfg)
+    if ret == -errno.EEXIST:
+        raise FileExistsError(errno.EEXIST, f"a dvs VFS named {name!r} is already registered")
+    check(ret, f"register VFS {name}")
+
+
+def vfs_unregister(name: str) -> None:
+    ret = lib.dvs_vfs_unregister(name.encode())
+    if ret == -errno.EBUSY:
+        raise OSError(errno.EBUSY, f"VFS {name!r} still has open files")
+    check(ret, f"unregister VFS {name}")
+
+
+def vfs_info(name: str) -> VfsInfo:
+    out = ffi.new("struct dvs_vfs_info *")
+    check(lib.dvs_vfs_info(name.encode(), out), f"VFS {name} info")
+    values: dict[str, Any] = {}
+    for field_name in VfsInfo.__dataclass_fields__:
+        value = getattr(out, field_name)
+        values[field_name] = (
+            ffi.string(value).decode(errors="replace") if field_name == "fail_path" else int(value)
+        )
+    return VfsInfo(**values)
+
+
+ENGINE_RING: int = lib.DVS_ENGINE_RING
+ENGINE_THREADS: int = lib.DVS_ENGINE_THREADS

@@ -203,13 +203,11 @@ def test_integrity_failures_name_the_block_and_return_nothing(tmp_path: Path) ->
     with Volume.create(path, 1 << 20, key=KEY) as vol:
         vol.write_blocks(7, b"\x11" * BLOCK)
         vol.write_blocks(8, b"\x22" * BLOCK)
-        header_blocks = vol.status()
-    data_base = parse_header(path.read_bytes()[:BLOCK]).capacity_blocks  # for the layout
-    assert header_blocks.levels == 2 and data_base == 256
+    header = parse_header(path.read_bytes()[:BLOCK])
     raw = bytearray(path.read_bytes())
-    # data region starts 1 MiB in; block 8 lives in slot 0 right after it
-    base = 256 * BLOCK
-    raw[base + 8 * BLOCK + 5] ^= 1
+    # the first chunk: leaf slots 0 and 1, then data blocks 0..63 in slot 0
+    page = header.data_base + 2 + 8
+    raw[page * BLOCK + 5] ^= 1
     path.write_bytes(bytes(raw))
     with Volume.open(path, key=KEY) as vol:
         assert vol.read_blocks(7, 1) == b"\x11" * BLOCK
