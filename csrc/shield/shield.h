@@ -169,6 +169,8 @@ int dvs_shield_status(struct dvs_shield_volume *v, struct dvs_shield_status *out
 /* The physical blocks the committed state refers to (superblocks, tree nodes, data), after
  * loading and authenticating the whole tree; fills up to max, returns the total. */
 int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint64_t max);
+/* Where logical block `block` lives in the file now (-ENODATA: never written). */
+int dvs_shield_locate(struct dvs_shield_volume *v, uint64_t block, uint64_t *phys);
 int dvs_shield_anchor(struct dvs_shield_volume *v, struct dvs_shield_anchor *out);
 /* Flush (unless discard) and free; the engine stays the caller's. */
 int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard);

@@ -1592,6 +1592,20 @@ int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint6
 	return ret ? ret : (int64_t)n;
 }
 
+int dvs_shield_locate(struct dvs_shield_volume *v, uint64_t block, uint64_t *phys)
+{
+	if (block >= v->capacity)
+		return -EINVAL;
+	int ret = ensure_nodes(v, 0, block / FANOUT, block / FANOUT);
+	if (ret)
+		return ret;
+	const struct entry *e = data_entry(v, block, NULL);
+	if (!e->counter)
+		return -ENODATA;
+	*phys = data_phys(v, block, e->flags & 1);
+	return 0;
+}
+
 uint64_t dvs_shield_size(struct dvs_shield_volume *v)
 {
 	return v->size;

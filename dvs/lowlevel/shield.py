@@ -59,9 +59,7 @@ class Key:
         return Key(KDF_RAW, bytes(key))
 
     @staticmethod
-    def passphrase(
-        passphrase: str | bytes, *, log2_n: int = 15, r: int = 8, p: int = 1
-    ) -> Key:
+    def passphrase(passphrase: str | bytes, *, log2_n: int = 15, r: int = 8, p: int = 1) -> Key:
         secret = passphrase.encode() if isinstance(passphrase, str) else bytes(passphrase)
         if not secret:
             raise ValueError("an empty passphrase")
@@ -216,7 +214,8 @@ def _raise_for(ret: int, what: str, status: Status, anchor: Anchor | None = None
             detail = f"epoch {anchor.epoch} holds a different state than the anchor recorded"
         raise RollbackDetected(status.fail_index, expected, detail)
     if ret == -errno.EXDEV:
-        raise RollbackDetected(-1, anchor.epoch if anchor else -1, "the anchor names another volume")
+        expected = anchor.epoch if anchor else -1
+        raise RollbackDetected(-1, expected, "the anchor names another volume")
     check(ret, what)
 
 
@@ -388,6 +387,16 @@ class VolumeHandle:
         if n < 0:
             self._fail(int(n), "list live blocks")
         return sorted(int(out[i]) for i in range(n))
+
+    def locate(self, block: int) -> int | None:
+        """The file block holding logical ``block`` now (None: never written)."""
+        out = ffi.new("uint64_t *")
+        ret = lib.dvs_shield_locate(self._live(), block, out)
+        if ret == -errno.ENODATA:
+            return None
+        if ret < 0:
+            self._fail(ret, f"locate block {block}")
+        return int(out[0])
 
     def anchor(self) -> Anchor:
         a = ffi.new("struct dvs_shield_anchor *")

@@ -26,8 +26,7 @@ class RollbackDetected(IntegrityError):
         super().__init__(
             "volume freshness",
             None,
-            detail
-            or f"the file holds epoch {found_epoch}, the anchor expects {anchor_epoch}",
+            detail or f"the file holds epoch {found_epoch}, the anchor expects {anchor_epoch}",
         )
 
 

@@ -51,7 +51,8 @@ class ShieldVfs:
 
     def connect(self, path: str | os.PathLike[str], **kwargs: Any) -> sqlite3.Connection:
         """``sqlite3.connect`` on this VFS (any sqlite3.connect keyword passes through)."""
-        return sqlite3.connect(self.uri(path), uri=True, **kwargs)
+        connection: sqlite3.Connection = sqlite3.connect(self.uri(path), uri=True, **kwargs)
+        return connection
 
     def info(self) -> ll.VfsInfo:
         return ll.vfs_info(self.name)

@@ -29,8 +29,8 @@ import fcntl
 import json
 import os
 import secrets
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,9 +346,7 @@ class Volume:
             file=file,
             anchor=anchor,
         )
-        return cls(
-            handle, status, engine=engine, arena=arena, own_engine=False, readonly=readonly
-        )
+        return cls(handle, status, engine=engine, arena=arena, own_engine=False, readonly=readonly)
 
     # ---- data ----------------------------------------------------------------------------
 
@@ -408,6 +406,10 @@ class Volume:
 
     def status(self) -> Status:
         return self._live().status()
+
+    def locate(self, block: int) -> int | None:
+        """Which 4 KiB block of the file holds logical ``block`` (None: never written)."""
+        return self._live().locate(block)
 
     def live_blocks(self) -> list[int]:
         """The file's 4 KiB blocks the committed state uses (after a flush)."""

@@ -77,7 +77,10 @@ class SealedVolumeMachine(RuleBasedStateMachine):
         self.vol.write_blocks(block, data, submit=submit)
         self.model.pwrite(block * BLOCK, data)
 
-    @rule(offset=st.integers(0, CAPACITY * BLOCK - 10_000), data=st.binary(min_size=1, max_size=9000))
+    @rule(
+        offset=st.integers(0, CAPACITY * BLOCK - 10_000),
+        data=st.binary(min_size=1, max_size=9000),
+    )
     def write_bytes(self, offset: int, data: bytes) -> None:
         self.vol.write(offset, data)
         self.model.pwrite(offset, data)

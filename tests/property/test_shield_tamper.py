@@ -267,7 +267,7 @@ def test_replayed_superblocks_are_caught_by_the_anchor(sealed: Sealed) -> None:
         # without an anchor the old superblocks point at tree nodes that were since
         # overwritten, or at an older authentic state; with it, always refused
         with pytest.raises(RollbackDetected):
-                Volume.open_on(sealed.engine, KEY, readonly=True, anchor=anchor)
+            Volume.open_on(sealed.engine, KEY, readonly=True, anchor=anchor)
 
 
 def test_superblock_copies_moved_between_slots_are_detected(sealed: Sealed) -> None:
