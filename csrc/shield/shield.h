@@ -157,6 +157,12 @@ int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t
 #define DVS_WRITE_SUBMIT 1 /* start the writes now (else they wait for more or for flush) */
 int dvs_shield_write_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n,
 			    const uint8_t *in, uint32_t flags);
+/* The same for a list of (not necessarily adjacent) blocks, gathered into one batch: the
+ * volume's way to keep a queue depth > 1 with random blocks. */
+int dvs_shield_read_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
+			 uint8_t *out);
+int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
+			  const uint8_t *in, uint32_t flags);
 int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len, uint64_t off);
 int64_t dvs_shield_pwrite(struct dvs_shield_volume *v, const uint8_t *buf, uint64_t len,
 			  uint64_t off);

@@ -534,52 +534,45 @@ static struct node *new_node(uint32_t level, uint64_t index)
 	return n;
 }
 
-/* Load (and authenticate) every node of level l with index in [j0, j1], and their
- * ancestors. Reads go out in batches of up to read_slots. */
-static int ensure_nodes(struct dvs_shield_volume *v, uint32_t l, uint64_t j0, uint64_t j1)
+/* Load (and authenticate) the nodes of level l named in idx[0..n) (sorted, no duplicates)
+ * that are not cached yet; their parents must be cached. Reads go out in batches of up to
+ * read_slots, one engine crossing per batch. */
+static int load_level(struct dvs_shield_volume *v, uint32_t l, const uint64_t *idx, uint64_t n)
 {
-	if (l >= v->levels)
-		return 0;
-	if (l == v->levels - 1) {
-		j0 = j1 = 0;
-	} else {
-		int ret = ensure_nodes(v, l + 1, j0 / FANOUT, j1 / FANOUT);
-		if (ret)
-			return ret;
-	}
-	uint64_t j = j0;
 	struct node **pending = malloc(v->read_slots * sizeof(*pending));
 	if (!pending)
 		return -ENOMEM;
 	int ret = 0;
-	while (j <= j1 && !ret) {
+	uint64_t at = 0;
+	while (at < n && !ret) {
 		uint32_t staged = 0;
 		v->n_sync = 0;
-		for (; j <= j1 && staged < v->read_slots; j++) {
+		for (; at < n && staged < v->read_slots; at++) {
+			uint64_t j = idx[at];
 			if (node_get(v, l, j))
 				continue;
 			struct entry *pe = parent_entry(v, l, j);
-			struct node *n = new_node(l, j);
-			if (!n || !pe) {
-				free(n);
+			struct node *node = new_node(l, j);
+			if (!node || !pe) {
+				free(node);
 				ret = -ENOMEM;
 				break;
 			}
 			if (!pe->counter) {
 				/* never written: an all-zero node, no I/O */
-				if (u64map_put(&v->nodes, node_key(l, j), n)) {
-					free(n);
+				if (u64map_put(&v->nodes, node_key(l, j), node)) {
+					free(node);
 					ret = -ENOMEM;
 					break;
 				}
 				continue;
 			}
-			n->committed_slot = pe->flags & 1;
-			pending[staged] = n;
+			node->committed_slot = pe->flags & 1;
+			pending[staged] = node;
 			ret = queue_sync(v, DVS_OP_READ, 0, stage(v, staged), BLK,
 					 meta_phys(v, l, j, pe->flags & 1) * BLK, NULL);
 			if (ret) {
-				free(n);
+				free(node);
 				break;
 			}
 			staged++;
@@ -587,22 +580,22 @@ static int ensure_nodes(struct dvs_shield_volume *v, uint32_t l, uint64_t j0, ui
 		if (!ret && staged)
 			ret = wait_sync(v);
 		for (uint32_t i = 0; i < staged; i++) {
-			struct node *n = pending[i];
+			struct node *node = pending[i];
 			if (!ret && v->sync_res[i] < 0) {
 				ret = v->sync_res[i];
 			} else if (!ret && v->sync_res[i] != (int32_t)BLK) {
 				/* the node is not (all) there: it cannot authenticate */
-				set_fail(v, -EBADMSG, DVS_FAIL_META, l, n->index);
+				set_fail(v, -EBADMSG, DVS_FAIL_META, l, node->index);
 				ret = -EBADMSG;
 			}
 			if (!ret)
-				ret = open_block(v, KIND_META, l, n->index,
-						 parent_entry(v, l, n->index), stage(v, i),
-						 (uint8_t *)n->e);
+				ret = open_block(v, KIND_META, l, node->index,
+						 parent_entry(v, l, node->index), stage(v, i),
+						 (uint8_t *)node->e);
 			if (!ret)
-				ret = u64map_put(&v->nodes, node_key(l, n->index), n);
+				ret = u64map_put(&v->nodes, node_key(l, node->index), node);
 			if (ret) {
-				free(n);
+				free(node);
 				continue;
 			}
 			v->st.nodes_loaded++;
@@ -611,6 +604,95 @@ static int ensure_nodes(struct dvs_shield_volume *v, uint32_t l, uint64_t j0, ui
 	}
 	free(pending);
 	return ret;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Load the leaves of the given data blocks (a list, or first..first+n-1 when list is NULL)
+ * and every node above them, level by level from the root: one batch per level. */
+static int ensure_leaves(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
+			 uint64_t n)
+{
+	if (!n)
+		return 0;
+	if (!list) {
+		/* a range: the nodes of each level form a range too */
+		uint64_t j0 = first / FANOUT, j1 = (first + n - 1) / FANOUT;
+		for (int l = (int)v->levels - 1; l >= 0; l--) {
+			uint64_t shift = 1;
+			for (int k = 0; k < l; k++)
+				shift *= FANOUT;
+			uint64_t a = j0 / shift, b = j1 / shift, m = b - a + 1;
+			uint64_t *idx = malloc(m * sizeof(uint64_t));
+			if (!idx)
+				return -ENOMEM;
+			for (uint64_t i = 0; i < m; i++)
+				idx[i] = a + i;
+			int ret = load_level(v, (uint32_t)l, idx, m);
+			free(idx);
+			if (ret)
+				return ret;
+		}
+		return 0;
+	}
+	uint64_t *idx = malloc(n * sizeof(uint64_t));
+	if (!idx)
+		return -ENOMEM;
+	int ret = 0;
+	for (int l = (int)v->levels - 1; l >= 0 && !ret; l--) {
+		uint64_t shift = FANOUT;
+		for (int k = 0; k < l; k++)
+			shift *= FANOUT;
+		for (uint64_t i = 0; i < n; i++)
+			idx[i] = list[i] / shift;
+		qsort(idx, n, sizeof(uint64_t), cmp_u64);
+		uint64_t m = 0;
+		for (uint64_t i = 0; i < n; i++)
+			if (!m || idx[m - 1] != idx[i])
+				idx[m++] = idx[i];
+		ret = load_level(v, (uint32_t)l, idx, m);
+	}
+	free(idx);
+	return ret;
+}
+
+/* Nodes of level l with index in [j0, j1] and their ancestors. */
+static int ensure_nodes(struct dvs_shield_volume *v, uint32_t l, uint64_t j0, uint64_t j1)
+{
+	uint64_t span = 1;
+	for (uint32_t k = 0; k <= l; k++)
+		span *= FANOUT;
+	if (l >= v->levels)
+		return 0;
+	/* the data-block range under those nodes, clipped to the capacity */
+	uint64_t first = j0 * span, last = (j1 + 1) * span - 1;
+	if (last >= v->capacity)
+		last = v->capacity - 1;
+	if (first > last)
+		return 0;
+	if (l == 0)
+		return ensure_leaves(v, NULL, first, last - first + 1);
+	/* inner levels only: load from the root down to l */
+	for (int lev = (int)v->levels - 1; lev >= (int)l; lev--) {
+		uint64_t shift = 1;
+		for (int k = (int)l; k < lev; k++)
+			shift *= FANOUT;
+		uint64_t a = j0 / shift, b = j1 / shift, m = b - a + 1;
+		uint64_t *idx = malloc(m * sizeof(uint64_t));
+		if (!idx)
+			return -ENOMEM;
+		for (uint64_t i = 0; i < m; i++)
+			idx[i] = a + i;
+		int ret = load_level(v, (uint32_t)lev, idx, m);
+		free(idx);
+		if (ret)
+			return ret;
+	}
+	return 0;
 }
 
 static struct entry *data_entry(struct dvs_shield_volume *v, uint64_t block, struct node **leaf)
@@ -1138,15 +1220,19 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 
 /* ---- reads ---- */
 
-static int read_chunk(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
+#define BLOCK_AT(list, first, j) ((list) ? (list)[j] : (first) + (j))
+
+/* Read blocks (a list, or first..first+n-1) into out; n <= read_slots. */
+static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
+		      uint32_t n, uint8_t *out)
 {
-	int ret = ensure_nodes(v, 0, first / FANOUT, (first + n - 1) / FANOUT);
+	int ret = ensure_leaves(v, list, first, n);
 	if (ret)
 		return ret;
 	uint32_t staged = 0;
 	v->n_sync = 0;
 	for (uint32_t j = 0; j < n; j++) {
-		uint64_t b = first + j;
+		uint64_t b = BLOCK_AT(list, first, j);
 		struct entry *e = data_entry(v, b, NULL);
 		if (!e->counter) {
 			memset(out + (uint64_t)j * BLK, 0, BLK);
@@ -1187,7 +1273,7 @@ static int read_chunk(struct dvs_shield_volume *v, uint64_t first, uint32_t n, u
 			return res;
 		if ((uint32_t)res != (to - from) * BLK) {
 			/* blocks missing from the file (truncated): they cannot authenticate */
-			uint64_t b = first + v->stage_of[from + (uint32_t)res / BLK];
+			uint64_t b = BLOCK_AT(list, first, v->stage_of[from + (uint32_t)res / BLK]);
 			set_fail(v, -EBADMSG, DVS_FAIL_DATA, 0, b);
 			return -EBADMSG;
 		}
@@ -1195,7 +1281,7 @@ static int read_chunk(struct dvs_shield_volume *v, uint64_t first, uint32_t n, u
 	v->st.blocks_read += staged;
 	for (uint32_t u = 0; u < staged; u++) {
 		uint32_t j = v->stage_of[u];
-		uint64_t b = first + j;
+		uint64_t b = BLOCK_AT(list, first, j);
 		ret = open_block(v, KIND_DATA, 0, b, data_entry(v, b, NULL), stage(v, u),
 				 out + (uint64_t)j * BLK);
 		if (ret)
@@ -1210,7 +1296,7 @@ int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t
 		return -EINVAL;
 	for (uint32_t done = 0; done < n;) {
 		uint32_t chunk = n - done < v->read_slots ? n - done : v->read_slots;
-		int ret = read_chunk(v, first + done, chunk, out + (uint64_t)done * BLK);
+		int ret = read_chunk(v, NULL, first + done, chunk, out + (uint64_t)done * BLK);
 		if (ret) {
 			/* all or nothing: no partial plaintext from a failing call */
 			dvs_wipe(out, (uint64_t)n * BLK);
@@ -1221,15 +1307,34 @@ int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t
 	return (int)n;
 }
 
+int dvs_shield_read_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
+			 uint8_t *out)
+{
+	for (uint32_t i = 0; i < n; i++)
+		if (blocks[i] >= v->capacity)
+			return -EINVAL;
+	for (uint32_t done = 0; done < n;) {
+		uint32_t chunk = n - done < v->read_slots ? n - done : v->read_slots;
+		int ret = read_chunk(v, blocks + done, 0, chunk, out + (uint64_t)done * BLK);
+		if (ret) {
+			dvs_wipe(out, (uint64_t)n * BLK);
+			return ret;
+		}
+		done += chunk;
+	}
+	return (int)n;
+}
+
 /* ---- writes ---- */
 
-static int write_chunk(struct dvs_shield_volume *v, uint64_t first, uint32_t n, const uint8_t *in)
+static int write_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
+		       uint32_t n, const uint8_t *in)
 {
-	int ret = ensure_nodes(v, 0, first / FANOUT, (first + n - 1) / FANOUT);
+	int ret = ensure_leaves(v, list, first, n);
 	if (!ret)
 		ret = reserve(v, n);
 	for (uint32_t j = 0; j < n && !ret; j++) {
-		uint64_t b = first + j;
+		uint64_t b = BLOCK_AT(list, first, j);
 		void *ws = u64map_get(&v->dirty_blocks, b);
 		if (ws && v->wstate[(uintptr_t)ws - 1] == W_INFLIGHT) {
 			/* two writes of one block must not race: let the first finish */
@@ -1278,7 +1383,7 @@ static int write_range(struct dvs_shield_volume *v, uint64_t first, uint64_t n, 
 	int ret = 0;
 	for (uint64_t done = 0; done < n && !ret;) {
 		uint32_t chunk = (uint32_t)(n - done < v->write_slots ? n - done : v->write_slots);
-		ret = write_chunk(v, first + done, chunk, in + done * BLK);
+		ret = write_chunk(v, NULL, first + done, chunk, in + done * BLK);
 		done += chunk;
 	}
 	if (!ret && ((flags & DVS_WRITE_SUBMIT) || v->n_wdirty >= v->write_slots / 2))
@@ -1286,6 +1391,40 @@ static int write_range(struct dvs_shield_volume *v, uint64_t first, uint64_t n, 
 	if (ret && !v->failed)
 		v->failed = ret;
 	return ret;
+}
+
+int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
+			  const uint8_t *in, uint32_t flags)
+{
+	if (v->flags & DVS_VOL_READONLY)
+		return -EROFS;
+	if (v->failed)
+		return v->failed;
+	uint64_t end = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		if (blocks[i] >= v->capacity)
+			return -EFBIG;
+		if (blocks[i] + 1 > end)
+			end = blocks[i] + 1;
+	}
+	int ret = 0;
+	for (uint32_t done = 0; done < n && !ret;) {
+		uint32_t chunk = n - done < v->write_slots ? n - done : v->write_slots;
+		ret = write_chunk(v, blocks + done, 0, chunk, in + (uint64_t)done * BLK);
+		done += chunk;
+	}
+	if (!ret && ((flags & DVS_WRITE_SUBMIT) || v->n_wdirty >= v->write_slots / 2))
+		ret = submit_dirty(v);
+	if (ret) {
+		if (!v->failed)
+			v->failed = ret;
+		return ret;
+	}
+	if (end * BLK > v->size) {
+		v->size = end * BLK;
+		v->tree_dirty = 1;
+	}
+	return (int)n;
 }
 
 int dvs_shield_write_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n,
@@ -1535,7 +1674,7 @@ int64_t dvs_shield_verify(struct dvs_shield_volume *v, uint64_t first, uint64_t 
 	int64_t written = 0;
 	for (uint64_t done = 0; done < n;) {
 		uint32_t chunk = (uint32_t)(n - done < v->read_slots ? n - done : v->read_slots);
-		int ret = read_chunk(v, first + done, chunk, buf);
+		int ret = read_chunk(v, NULL, first + done, chunk, buf);
 		if (ret) {
 			dvs_wipe(buf, (uint64_t)v->read_slots * BLK);
 			free(buf);

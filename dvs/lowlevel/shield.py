@@ -332,6 +332,29 @@ class VolumeHandle:
         if ret < 0:
             self._fail(ret, f"read blocks {first}..{first + count - 1}")
 
+    def read_list_into(self, blocks: Any, out: Any) -> None:
+        """Gather the listed blocks (a uint64 array) into ``out``, one batch per read_slots."""
+        c_blocks = ffi.from_buffer("uint64_t[]", blocks)
+        dst = ffi.from_buffer(out, require_writable=True)
+        n = len(c_blocks)
+        if len(dst) < n * BLOCK:
+            raise ValueError("the destination is smaller than the blocks asked for")
+        ret = lib.dvs_shield_read_list(self._live(), c_blocks, n, dst)
+        if ret < 0:
+            self._fail(ret, f"read {n} listed blocks")
+
+    def write_list(self, blocks: Any, data: Any, *, submit: bool = True) -> None:
+        c_blocks = ffi.from_buffer("uint64_t[]", blocks)
+        src = ffi.from_buffer(data)
+        n = len(c_blocks)
+        if len(src) != n * BLOCK:
+            raise ValueError("one 4096-byte block of data per listed block")
+        ret = lib.dvs_shield_write_list(
+            self._live(), c_blocks, n, src, WRITE_SUBMIT if submit else 0
+        )
+        if ret < 0:
+            self._fail(ret, f"write {n} listed blocks")
+
     def write_blocks(self, first: int, data: Any, *, submit: bool = True) -> None:
         src = ffi.from_buffer(data)
         if len(src) % BLOCK:

@@ -374,6 +374,15 @@ class Volume:
         """Write whole blocks; ``submit=False`` lets them gather for a larger batch."""
         self._live().write_blocks(first, data, submit=submit)
 
+    def read_blocks_at(self, blocks: Any, out: Any) -> None:
+        """Gather the blocks listed in ``blocks`` (numpy uint64) into ``out``, batched: the
+        way to keep a queue depth above one with scattered blocks."""
+        self._live().read_list_into(blocks, out)
+
+    def write_blocks_at(self, blocks: Any, data: Any, *, submit: bool = True) -> None:
+        """Scatter whole blocks of ``data`` to the listed block numbers, as one batch."""
+        self._live().write_list(blocks, data, submit=submit)
+
     def truncate(self, size: int) -> None:
         self._live().truncate(size)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dvs.errors import IntegrityError
@@ -51,6 +52,24 @@ def test_a_large_sequential_write_and_read(tmp_path: Path) -> None:
         assert stats.submitted < 2048 // 4
     with Volume.open(path, key=KEY) as vol:
         assert vol.read_blocks(100, len(payload) // BLOCK) == payload
+
+
+def test_scattered_blocks_in_one_batch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    blocks = rng.integers(0, 50_000, 300).astype(np.uint64)
+    blocks[7] = blocks[3]  # the same block twice: the later data wins
+    data = rng.integers(0, 256, 300 * BLOCK, dtype=np.uint8)
+    with Volume.create(tmp_path / "vol", 50_000 * BLOCK, key=KEY, read_slots=32) as vol:
+        vol.write_blocks_at(blocks, data)
+        before = vol.io_stats()
+        out = np.zeros_like(data)
+        vol.read_blocks_at(blocks, out)
+        reads = vol.io_stats().minus(before)
+        expect = data.reshape(300, BLOCK).copy()
+        expect[3] = expect[7]
+        assert np.array_equal(out.reshape(300, BLOCK), expect)
+        # gathered: ten batches of 32 -- a submit and at most a wait each -- not 300 reads
+        assert reads.submitted <= 300 and reads.enters <= 25, reads
 
 
 def test_bytes_at_any_offset(tmp_path: Path) -> None:
