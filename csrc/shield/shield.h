@@ -75,6 +75,8 @@ struct dvs_shield_anchor {
 #define DVS_VOL_READONLY 1
 #define DVS_VOL_EPHEMERAL 2 /* never sync (temporary files) */
 #define DVS_VOL_STRICT 4    /* a damaged superblock slot is an error even if the other is good */
+#define DVS_VOL_LAZY_FORMAT 8 /* format without syncing (durable at the first flush) */
+#define DVS_VOL_FAST_CLOSE 16 /* close without syncing the second superblock copy */
 
 struct dvs_shield_config {
 	uint64_t capacity_blocks; /* format only */

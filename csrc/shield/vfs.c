@@ -44,12 +44,25 @@ struct shared {
 	struct dvs_shield_volume *vol;
 	uint8_t *arena;
 	size_t arena_len;
+	int registered;   /* the arena is the engine's registered buffer 0 */
+	uint64_t io_base_completed, io_base_syscalls; /* engine counters when attached */
 	pthread_mutex_t io; /* one caller at a time on the volume and its engine */
 	char path[256];     /* for reports */
 	/* SQLite locks of all handles on this file */
 	int level;    /* the strongest lock held by any handle */
 	int n_shared; /* handles holding at least SHARED */
 };
+
+/* An engine and its registered arena, kept for the next file: SQLite creates and deletes
+ * a journal per transaction, and a ring set-up (setup, mmap, register, restrict, enable)
+ * per journal would cost more than the journal's I/O. */
+struct pooled {
+	struct dvs_engine *eng;
+	uint8_t *arena;
+	size_t arena_len;
+	int registered;
+};
+#define POOL_MAX 4
 
 struct dvs_vfs {
 	sqlite3_vfs base; /* first: SQLite hands this pointer back */
@@ -59,8 +72,10 @@ struct dvs_vfs {
 	uint8_t secret[32];
 	uint64_t capacity;
 	uint32_t engine_kind, read_slots, write_slots;
-	pthread_mutex_t lock; /* the file table and the counters */
+	pthread_mutex_t lock; /* the file table, the pool and the counters */
 	struct shared *files;
+	struct pooled pool[POOL_MAX];
+	int n_pool;
 	struct dvs_vfs_info info;
 	struct dvs_vfs *next_registered;
 };
@@ -78,12 +93,23 @@ static struct dvs_vfs *registry;
 
 /* ---- volumes on files ---- */
 
-static void account_engine(struct dvs_vfs *vfs, struct dvs_engine *eng)
+/* The engine's counters since this file attached to it (engines are reused). */
+static void engine_delta(struct shared *sh, uint64_t *completed, uint64_t *syscalls)
 {
 	struct dvs_io_stats st;
-	if (eng && !dvs_engine_stats(eng, &st)) {
-		vfs->info.io_completed += st.completed;
-		vfs->info.io_syscalls += st.syscalls;
+	*completed = *syscalls = 0;
+	if (sh->eng && !dvs_engine_stats(sh->eng, &st)) {
+		*completed = st.completed - sh->io_base_completed;
+		*syscalls = st.syscalls - sh->io_base_syscalls;
+	}
+}
+
+static void mark_engine_base(struct shared *sh)
+{
+	struct dvs_io_stats st;
+	if (!dvs_engine_stats(sh->eng, &st)) {
+		sh->io_base_completed = st.completed;
+		sh->io_base_syscalls = st.syscalls;
 	}
 }
 
@@ -91,7 +117,22 @@ static void release_shared(struct dvs_vfs *vfs, struct shared *sh, int discard)
 {
 	if (sh->vol)
 		dvs_shield_close(sh->vol, discard);
-	account_engine(vfs, sh->eng);
+	if (sh->eng) {
+		uint64_t completed, syscalls;
+		engine_delta(sh, &completed, &syscalls);
+		/* detach the file (the ring drops its reference) and keep the engine for later */
+		int reuse = sh->vol && !dvs_engine_update_file(sh->eng, 0, -1);
+		pthread_mutex_lock(&vfs->lock);
+		vfs->info.io_completed += completed;
+		vfs->info.io_syscalls += syscalls;
+		if (reuse && vfs->n_pool < POOL_MAX) {
+			vfs->pool[vfs->n_pool++] = (struct pooled){ sh->eng, sh->arena, sh->arena_len,
+								  sh->registered };
+			sh->eng = NULL;
+			sh->arena = NULL;
+		}
+		pthread_mutex_unlock(&vfs->lock);
+	}
 	dvs_engine_destroy(sh->eng);
 	if (sh->arena)
 		munmap(sh->arena, sh->arena_len);
@@ -119,8 +160,29 @@ static void note_failure(struct dvs_vfs *vfs, struct shared *sh)
 }
 
 /* Engine + arena + volume on fd (formatting an empty file). */
-static int attach_volume(struct dvs_vfs *vfs, struct shared *sh, int fresh, int readonly,
-			 int ephemeral, struct dvs_shield_status *st)
+static int engine_for(struct dvs_vfs *vfs, struct shared *sh)
+{
+	pthread_mutex_lock(&vfs->lock);
+	struct pooled p = { 0 };
+	if (vfs->n_pool)
+		p = vfs->pool[--vfs->n_pool];
+	pthread_mutex_unlock(&vfs->lock);
+	if (!p.eng)
+		return -ENOENT;
+	int ret = dvs_engine_update_file(p.eng, 0, sh->fd);
+	if (ret) {
+		dvs_engine_destroy(p.eng);
+		munmap(p.arena, p.arena_len);
+		return ret;
+	}
+	sh->eng = p.eng;
+	sh->arena = p.arena;
+	sh->arena_len = p.arena_len;
+	sh->registered = p.registered;
+	return 0;
+}
+
+static int new_engine(struct dvs_vfs *vfs, struct shared *sh)
 {
 	sh->arena_len = dvs_shield_arena_bytes(vfs->read_slots, vfs->write_slots);
 	sh->arena = mmap(NULL, sh->arena_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -134,7 +196,7 @@ static int attach_volume(struct dvs_vfs *vfs, struct shared *sh, int fresh, int 
 	struct dvs_engine_params ep = {
 		.kind = vfs->engine_kind,
 		.entries = 64,
-		.ring_flags = DVS_RING_COOP_TASKRUN,
+		.ring_flags = DVS_RING_COOP_TASKRUN | DVS_RING_ALLOW_FILE_UPDATE,
 		.threads = 1,
 		.sq_cpu = -1,
 	};
@@ -148,25 +210,44 @@ static int attach_volume(struct dvs_vfs *vfs, struct shared *sh, int fresh, int 
 	int32_t fd = sh->fd;
 	struct dvs_buf buf = { .addr = (uint64_t)(uintptr_t)sh->arena, .len = sh->arena_len };
 	ret = dvs_engine_register_files(sh->eng, &fd, 1);
-	int registered = !ret && !dvs_engine_register_buffers(sh->eng, &buf, 1);
+	sh->registered = !ret && !dvs_engine_register_buffers(sh->eng, &buf, 1);
 	if (!ret)
 		ret = dvs_engine_enable(sh->eng);
+	return ret;
+}
+
+static int attach_volume(struct dvs_vfs *vfs, struct shared *sh, int fresh, int readonly,
+			 int ephemeral, int journal, struct dvs_shield_status *st)
+{
+	int ret = engine_for(vfs, sh);
+	if (ret)
+		ret = new_engine(vfs, sh);
 	if (ret)
 		return ret;
+	mark_engine_base(sh);
 	struct dvs_shield_config cfg = {
 		.capacity_blocks = vfs->capacity,
 		.arena_addr = (uint64_t)(uintptr_t)sh->arena,
 		.arena_len = sh->arena_len,
-		.arena_buf = registered ? 0 : DVS_IO_NO_BUF,
+		.arena_buf = sh->registered ? 0 : DVS_IO_NO_BUF,
 		.read_slots = vfs->read_slots,
 		.write_slots = vfs->write_slots,
-		.flags = (readonly ? DVS_VOL_READONLY : 0) | (ephemeral ? DVS_VOL_EPHEMERAL : 0),
+		/* SQLite syncs what it relies on; the second superblock copy can wait */
+		.flags = (readonly ? DVS_VOL_READONLY : 0) | (ephemeral ? DVS_VOL_EPHEMERAL : 0) |
+			 DVS_VOL_FAST_CLOSE,
 		.file = 0,
 	};
-	if (fresh)
-		ret = dvs_shield_format(sh->eng, &vfs->key, &cfg, &sh->vol, st);
-	else
+	if (!fresh) {
 		ret = dvs_shield_open(sh->eng, &vfs->key, &cfg, &sh->vol, st);
+		/* a journal that never reached its first sync holds nothing SQLite relies on:
+		 * start it afresh (one that fails to authenticate is still an error) */
+		fresh = ret == -EMEDIUMTYPE && journal && !readonly;
+	}
+	if (fresh) {
+		/* journals become durable at their first sync; databases at once */
+		cfg.flags |= journal ? DVS_VOL_LAZY_FORMAT : 0;
+		ret = dvs_shield_format(sh->eng, &vfs->key, &cfg, &sh->vol, st);
+	}
 	if (!ret && fresh) {
 		pthread_mutex_lock(&vfs->lock);
 		vfs->info.volumes_formatted++;
@@ -454,7 +535,10 @@ static int x_open(sqlite3_vfs *pvfs, const char *name, sqlite3_file *pf, int fla
 	}
 	struct dvs_shield_status st;
 	memset(&st, 0, sizeof(st));
-	int ret = attach_volume(vfs, sh, stbuf.st_size == 0 && !readonly, readonly, ephemeral, &st);
+	int journal = (flags & (SQLITE_OPEN_MAIN_JOURNAL | SQLITE_OPEN_TEMP_JOURNAL |
+				SQLITE_OPEN_SUBJOURNAL | SQLITE_OPEN_SUPER_JOURNAL)) != 0;
+	int ret = attach_volume(vfs, sh, stbuf.st_size == 0 && !readonly, readonly, ephemeral,
+				journal, &st);
 	if (ret) {
 		if (ret == -EBADMSG) {
 			pthread_mutex_lock(&vfs->lock);
@@ -655,6 +739,10 @@ int dvs_vfs_unregister(const char *name)
 			return -EBUSY;
 		}
 		sqlite3_vfs_unregister(&vfs->base);
+		for (int i = 0; i < vfs->n_pool; i++) {
+			dvs_engine_destroy(vfs->pool[i].eng);
+			munmap(vfs->pool[i].arena, vfs->pool[i].arena_len);
+		}
 		*p = vfs->next_registered;
 		pthread_mutex_unlock(&registry_lock);
 		dvs_wipe(vfs->secret, 32);
@@ -676,13 +764,12 @@ int dvs_vfs_info(const char *name, struct dvs_vfs_info *out)
 		*out = vfs->info;
 		/* include the engines still open */
 		for (struct shared *sh = vfs->files; sh; sh = sh->next) {
-			struct dvs_io_stats st;
+			uint64_t completed, syscalls;
 			pthread_mutex_lock(&sh->io);
-			if (sh->eng && !dvs_engine_stats(sh->eng, &st)) {
-				out->io_completed += st.completed;
-				out->io_syscalls += st.syscalls;
-			}
+			engine_delta(sh, &completed, &syscalls);
 			pthread_mutex_unlock(&sh->io);
+			out->io_completed += completed;
+			out->io_syscalls += syscalls;
 		}
 		pthread_mutex_unlock(&vfs->lock);
 		pthread_mutex_unlock(&registry_lock);

@@ -35,6 +35,7 @@
 #define RESERVE_STEP (1ULL << 32) /* counters reserved per durable superblock write */
 #define SB_MARGIN 8               /* counters kept back for the superblocks of a reservation */
 #define MAX_RUN 64                /* blocks per coalesced request */
+#define MAX_CHAIN 32              /* write runs a flush links into its commit chain */
 #define SLOT_NONE 2
 #define META_BLOCK UINT64_MAX
 #define MAGIC "DVSSHLD1"
@@ -44,7 +45,6 @@
 
 #define UD_SYNC 1ULL
 #define UD_WRUN 2ULL
-#define UD_SB 3ULL
 #define UD(type, payload) (((type) << 56) | (payload))
 
 struct entry {
@@ -150,7 +150,7 @@ struct dvs_shield_volume {
 	uint64_t *wblock;
 	uint64_t *wphys;
 	uint32_t wcursor, n_wdirty, n_winflight;
-	int sb_unsynced; /* slot 1 written after the last sync */
+	uint64_t y_epoch; /* the state superblock slot 1 holds on disk */
 	/* I/O */
 	struct dvs_io *ios;
 	uint32_t n_ios, cap_ios;
@@ -381,9 +381,6 @@ static int pump(struct dvs_shield_volume *v, uint32_t min_wait)
 			v->sync_pending--;
 		} else if (type == UD_WRUN) {
 			complete_wrun(v, payload, res);
-		} else if (type == UD_SB) {
-			if (res != (int32_t)BLK && !v->failed)
-				v->failed = res < 0 ? res : -EIO;
 		}
 	}
 	return n;
@@ -416,11 +413,13 @@ static int submit_queued(struct dvs_shield_volume *v)
 	return 0;
 }
 
+/* Wait for every synchronous request; one sleep for all of them where possible (each
+ * wake-up is a context switch, and a chain completes member by member). */
 static int wait_sync(struct dvs_shield_volume *v)
 {
 	int ret = submit_queued(v);
 	while (!ret && v->sync_pending) {
-		int n = pump(v, 1);
+		int n = pump(v, v->sync_pending);
 		if (n < 0)
 			ret = n;
 	}
@@ -431,7 +430,7 @@ static int wait_all(struct dvs_shield_volume *v)
 {
 	int ret = submit_queued(v);
 	while (!ret && v->outstanding) {
-		int n = pump(v, 1);
+		int n = pump(v, v->outstanding);
 		if (n < 0)
 			ret = n;
 	}
@@ -440,9 +439,30 @@ static int wait_all(struct dvs_shield_volume *v)
 
 /* ---- write slots ---- */
 
-static int submit_dirty(struct dvs_shield_volume *v)
+/* Runs of DIRTY write slots that are contiguous in the file. */
+static uint32_t count_runs(const struct dvs_shield_volume *v)
 {
-	uint32_t s = 0;
+	uint32_t runs = 0;
+	for (uint32_t s = 0; s < v->write_slots;) {
+		if (v->wstate[s] != W_DIRTY) {
+			s++;
+			continue;
+		}
+		uint32_t len = 1;
+		while (s + len < v->write_slots && len < MAX_RUN && v->wstate[s + len] == W_DIRTY &&
+		       v->wphys[s + len] == v->wphys[s] + len)
+			len++;
+		runs++;
+		s += len;
+	}
+	return runs;
+}
+
+/* Queue the DIRTY slots as write runs; with `link`, as one IO_LINK chain whose head drains
+ * everything before it (the caller appends the rest of the chain and submits). */
+static int queue_dirty(struct dvs_shield_volume *v, int link)
+{
+	uint32_t s = 0, queued = 0;
 	while (s < v->write_slots) {
 		if (v->wstate[s] != W_DIRTY) {
 			s++;
@@ -456,13 +476,21 @@ static int submit_dirty(struct dvs_shield_volume *v)
 			v->wstate[s + i] = W_INFLIGHT;
 		v->n_wdirty -= len;
 		v->n_winflight += len;
-		int ret = queue_io(v, DVS_OP_WRITE, 0, wslot(v, s), len * BLK, v->wphys[s] * BLK,
+		uint8_t flags = link ? (uint8_t)(DVS_IO_LINK | (queued ? 0 : DVS_IO_DRAIN)) : 0;
+		int ret = queue_io(v, DVS_OP_WRITE, flags, wslot(v, s), len * BLK, v->wphys[s] * BLK,
 				   UD(UD_WRUN, ((uint64_t)len << 24) | s));
 		if (ret)
 			return ret;
+		queued++;
 		s += len;
 	}
-	return submit_queued(v);
+	return 0;
+}
+
+static int submit_dirty(struct dvs_shield_volume *v)
+{
+	int ret = queue_dirty(v, 0);
+	return ret ? ret : submit_queued(v);
 }
 
 static int alloc_wslot(struct dvs_shield_volume *v)
@@ -749,23 +777,38 @@ static int seal_superblock(struct dvs_shield_volume *v, uint32_t s, uint64_t epo
 	return ret;
 }
 
-/* Make a state durable: sync what came before, write slot 0, sync; then slot 1 in the
- * background (synced by the next commit or by close). */
+/* Make a state durable. Appended to whatever the caller queued (a flush's data and tree
+ * writes, linked), as one chain: [the previous state into slot 1] -> FDATASYNC (drains
+ * everything before) -> the new state into slot 0 -> FDATASYNC. A failed or short member
+ * cancels the rest, so slot 0 never names a state whose blocks did not reach the file; and
+ * slot 1 always holds the previous durable state when slot 0 is rewritten, so a torn
+ * superblock write falls back one flush, never further. */
 static int commit_superblock(struct dvs_shield_volume *v, uint64_t epoch,
-			     const struct entry *root, uint64_t size, uint64_t limit)
+			     const struct entry *root, uint64_t size, uint64_t limit, int sync)
 {
-	int ret = wait_all(v); /* both superblock buffers must be free */
-	if (ret)
-		return ret;
-	ret = seal_superblock(v, 0, epoch, root, size, limit);
-	if (ret)
-		return ret;
+	int durable = sync && !(v->flags & DVS_VOL_EPHEMERAL);
+	uint8_t link = durable ? DVS_IO_LINK : 0;
+	int chained = v->n_ios > 0; /* the caller's writes head the chain */
+	int ret = 0;
 	v->n_sync = 0;
-	int durable = !(v->flags & DVS_VOL_EPHEMERAL);
-	if (durable)
-		ret = queue_sync(v, DVS_OP_FDATASYNC, DVS_IO_DRAIN | DVS_IO_LINK, NULL, 0, 0, NULL);
+	int y_index = -1;
+	if (v->y_epoch < v->epoch) {
+		ret = seal_superblock(v, 1, v->epoch, &v->committed_root, v->committed_size,
+				      v->nonce_limit);
+		if (!ret)
+			ret = queue_sync(v, DVS_OP_WRITE, (uint8_t)(link | (chained ? 0 : DVS_IO_DRAIN)),
+					 sbuf(v, 1), BLK, BLK, NULL);
+		y_index = 0;
+		chained = 1;
+	}
 	if (!ret)
-		ret = queue_sync(v, DVS_OP_WRITE, durable ? DVS_IO_LINK : 0, sbuf(v, 0), BLK, 0, NULL);
+		ret = seal_superblock(v, 0, epoch, root, size, limit);
+	if (!ret && durable)
+		ret = queue_sync(v, DVS_OP_FDATASYNC,
+				 (uint8_t)(DVS_IO_LINK | (chained ? 0 : DVS_IO_DRAIN)), NULL, 0, 0, NULL);
+	int x_index = (int)v->n_sync;
+	if (!ret)
+		ret = queue_sync(v, DVS_OP_WRITE, link, sbuf(v, 0), BLK, 0, NULL);
 	if (!ret && durable)
 		ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);
 	if (!ret)
@@ -773,20 +816,17 @@ static int commit_superblock(struct dvs_shield_volume *v, uint64_t epoch,
 	if (ret)
 		return ret;
 	for (uint32_t i = 0; i < v->n_sync; i++) {
-		int is_write = durable ? i == 1 : i == 0;
+		int is_write = (int)i == x_index || (int)i == y_index;
 		int32_t r = v->sync_res[i];
 		if (r < 0 || (is_write && r != (int32_t)BLK))
 			return r < 0 ? r : -EIO;
 	}
+	if (v->failed) /* a linked data write failed: the chain was cancelled before slot 0 */
+		return v->failed;
+	if (y_index >= 0)
+		v->y_epoch = v->epoch;
 	v->st.commits++;
-	/* the second copy: same state, its own nonce */
-	ret = seal_superblock(v, 1, epoch, root, size, limit);
-	if (!ret)
-		ret = queue_io(v, DVS_OP_WRITE, 0, sbuf(v, 1), BLK, BLK, UD(UD_SB, 1));
-	if (!ret)
-		ret = submit_queued(v);
-	v->sb_unsynced = 1;
-	return ret;
+	return 0;
 }
 
 /* Before sealing `need` blocks: make sure their counters are covered by a durable
@@ -796,7 +836,7 @@ static int reserve(struct dvs_shield_volume *v, uint64_t need)
 	if (v->next_counter + need + SB_MARGIN <= v->nonce_limit)
 		return 0;
 	uint64_t limit = v->next_counter + need + SB_MARGIN + RESERVE_STEP;
-	int ret = commit_superblock(v, v->epoch + 1, &v->committed_root, v->committed_size, limit);
+	int ret = commit_superblock(v, v->epoch + 1, &v->committed_root, v->committed_size, limit, 1);
 	if (ret) {
 		v->failed = ret;
 		return ret;
@@ -989,12 +1029,32 @@ int dvs_shield_format(struct dvs_engine *e, const struct dvs_shield_key *key,
 	memcpy(&v->salt, salt, 4);
 	v->next_counter = 1;
 	v->nonce_limit = RESERVE_STEP;
-	ret = commit_superblock(v, 1, &v->root, 0, v->nonce_limit);
+	/* Both copies of epoch 1, then a sync. LAZY_FORMAT skips the sync: the first flush
+	 * makes the volume durable (a crash before leaves a file that is no volume yet -- fine
+	 * for files that hold nothing before their first flush, like SQLite journals). */
+	v->epoch = 1;
+	v->n_sync = 0;
+	ret = seal_superblock(v, 0, 1, &v->root, 0, v->nonce_limit);
+	if (!ret)
+		ret = seal_superblock(v, 1, 1, &v->root, 0, v->nonce_limit);
+	int durable = !(cfg->flags & (DVS_VOL_LAZY_FORMAT | DVS_VOL_EPHEMERAL));
+	if (!ret)
+		ret = queue_sync(v, DVS_OP_WRITE, durable ? DVS_IO_LINK : 0, sbuf(v, 0), BLK, 0, NULL);
+	if (!ret)
+		ret = queue_sync(v, DVS_OP_WRITE, durable ? DVS_IO_LINK : 0, sbuf(v, 1), BLK, BLK, NULL);
+	if (!ret && durable)
+		ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);
+	if (!ret)
+		ret = wait_sync(v);
+	for (uint32_t i = 0; !ret && i < v->n_sync; i++)
+		if (v->sync_res[i] < 0 || (i < 2 && v->sync_res[i] != (int32_t)BLK))
+			ret = v->sync_res[i] < 0 ? v->sync_res[i] : -EIO;
 	if (ret) {
 		dvs_shield_close(v, 1);
 		return ret;
 	}
-	v->epoch = 1;
+	v->y_epoch = 1;
+	v->st.commits++;
 	v->ready = 1;
 	if (st)
 		fill_status(v, st);
@@ -1210,6 +1270,11 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 	v->size = v->committed_size = c->p.size;
 	v->st.superblock_slot = use;
 	v->st.superblock_damage = damage;
+	/* a damaged or older slot 1 is brought up to date by the next commit */
+	v->y_epoch = good1 && !memcmp(&sv[1].p.root, &c->p.root, sizeof(struct entry)) &&
+			     sv[1].p.epoch == c->p.epoch
+			     ? c->p.epoch
+			     : 0;
 	dvs_wipe(sv, sizeof(sv));
 	v->ready = 1;
 	if (st)
@@ -1584,13 +1649,7 @@ int dvs_shield_flush(struct dvs_shield_volume *v)
 		return 0;
 	if (v->failed)
 		return v->failed;
-	int ret = submit_dirty(v);
-	if (!ret)
-		ret = wait_all(v);
-	if (!ret)
-		ret = v->failed;
-	if (ret)
-		goto fail;
+	int ret = 0;
 	if (!v->tree_dirty && v->size == v->committed_size)
 		return 0;
 	uint64_t n_dirty = 0;
@@ -1628,14 +1687,28 @@ int dvs_shield_flush(struct dvs_shield_volume *v)
 			v->st.nodes_written++;
 		}
 	}
-	if (!ret)
-		ret = submit_dirty(v);
-	if (!ret)
+	/* Every data and tree write must have succeeded before the superblock may name it.
+	 * Writes already in flight are waited for; a small flush then goes out as one linked
+	 * chain with the commit (one wait), a large one in parallel first (two waits). */
+	if (!ret && v->n_winflight)
 		ret = wait_all(v);
 	if (!ret)
 		ret = v->failed;
+	/* the chain must fit the engine's queue in one go: runs + 4 superblock/sync members */
+	uint32_t max_chain = v->cap_done / 2 > 8 + 4 ? v->cap_done / 2 - 4 : 4;
+	if (max_chain > MAX_CHAIN)
+		max_chain = MAX_CHAIN;
+	if (!ret && count_runs(v) > max_chain) {
+		ret = submit_dirty(v);
+		if (!ret)
+			ret = wait_all(v);
+		if (!ret)
+			ret = v->failed;
+	}
 	if (!ret)
-		ret = commit_superblock(v, v->epoch + 1, &v->root, v->size, v->nonce_limit);
+		ret = queue_dirty(v, 1);
+	if (!ret)
+		ret = commit_superblock(v, v->epoch + 1, &v->root, v->size, v->nonce_limit, 1);
 	if (ret)
 		goto fail;
 	v->epoch++;
@@ -1777,30 +1850,34 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 		int w = wait_all(v);
 		if (!ret && !discard)
 			ret = w;
-		if (!discard && !ret && v->sb_unsynced && !(v->flags & DVS_VOL_EPHEMERAL) &&
-		    !(v->flags & DVS_VOL_READONLY)) {
-			/* make the second superblock copy durable too */
+		if (!discard && !ret && v->ready && v->y_epoch < v->epoch && !v->failed &&
+		    !(v->flags & (DVS_VOL_EPHEMERAL | DVS_VOL_READONLY | DVS_VOL_FAST_CLOSE))) {
+			/* leave both superblock copies on the last state */
 			v->n_sync = 0;
-			ret = queue_sync(v, DVS_OP_FDATASYNC, DVS_IO_DRAIN, NULL, 0, 0, NULL);
+			ret = seal_superblock(v, 1, v->epoch, &v->committed_root, v->committed_size,
+					      v->nonce_limit);
+			if (!ret)
+				ret = queue_sync(v, DVS_OP_WRITE, DVS_IO_LINK | DVS_IO_DRAIN, sbuf(v, 1),
+						 BLK, BLK, NULL);
+			if (!ret)
+				ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);
 			if (!ret)
 				ret = wait_sync(v);
-			if (!ret && v->sync_res[0] < 0)
-				ret = v->sync_res[0];
+			if (!ret && (v->sync_res[0] != (int32_t)BLK || v->sync_res[1] < 0))
+				ret = v->sync_res[1] < 0 ? v->sync_res[1] : -EIO;
 		}
 	}
 	uint64_t it = 0, key;
 	void *val;
-	while (u64map_next(&v->nodes, &it, &key, &val)) {
-		dvs_wipe(val, sizeof(struct node));
-		free(val);
-	}
+	while (u64map_next(&v->nodes, &it, &key, &val))
+		free(val); /* counters and tags: authenticated metadata, not secrets */
 	u64map_free(&v->nodes);
 	u64map_free(&v->dirty_blocks);
 	for (uint32_t l = 0; l < MAX_LEVELS; l++)
 		free(v->dirty[l].v);
+	/* the arena holds ciphertext only (plaintext goes straight between the caller's buffer
+	 * and the cipher), so it needs no wiping; the key schedule does */
 	dvs_gcm_free(&v->gcm);
-	if (v->arena && v->write_slots)
-		dvs_wipe(v->arena, dvs_shield_arena_bytes(v->read_slots, v->write_slots));
 	free(v->ios);
 	free(v->done);
 	free(v->sync_res);

@@ -360,20 +360,36 @@ int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
 	flush_requeues(r);
 	uint32_t accepted = 0;
 	int invalid = 0;
+	uint32_t chain_left = 0; /* members of the current LINK chain still to write */
 	while (accepted < n) {
 		if (!valid_request(r, &ios[accepted])) {
 			invalid = 1;
 			break;
 		}
-		if (r->n_free == 0)
-			break;
-		if (sq_full(r)) {
-			int ret = publish(r, 0, 0);
-			if (ret < 0)
-				return accepted ? (int)accepted : ret;
-			if (sq_full(r))
+		if (!chain_left) {
+			/* a LINK chain goes into the SQ whole, in one enter: the kernel ends a chain
+			 * at the end of a submission, so a split chain would run unordered */
+			uint32_t len = 1;
+			while ((ios[accepted + len - 1].flags & DVS_IO_LINK) && accepted + len < n)
+				len++;
+			if (len > r->ring.sq.ring_entries || len > r->n_slots) {
+				invalid = 1;
 				break;
+			}
+			unsigned space = r->ring.sq.ring_entries - (r->sq_tail -
+					 io_uring_smp_load_acquire(r->ring.sq.khead));
+			if (len > space) {
+				int ret = publish(r, 0, 0);
+				if (ret < 0)
+					return accepted ? (int)accepted : ret;
+				space = r->ring.sq.ring_entries - (r->sq_tail -
+					 io_uring_smp_load_acquire(r->ring.sq.khead));
+			}
+			if (len > space || len > r->n_free)
+				break;
+			chain_left = len;
 		}
+		chain_left--;
 		uint32_t s = r->free_slots[--r->n_free];
 		struct ring_slot *slot = &r->slots[s];
 		slot->io = ios[accepted];

@@ -253,6 +253,18 @@ int dvs_threads_register_files(struct dvs_threads *t, const int32_t *fds, uint32
 	return 0;
 }
 
+int dvs_threads_update_file(struct dvs_threads *t, uint32_t index, int32_t fd)
+{
+	if (index >= t->n_files)
+		return -EINVAL;
+	lock(t);
+	int busy = t->fifo_len || t->running;
+	if (!busy)
+		t->fds[index] = fd;
+	unlock(t);
+	return busy ? -EBUSY : 0;
+}
+
 int dvs_threads_enable(struct dvs_threads *t)
 {
 	for (uint32_t i = 0; i < t->n_threads; i++) {

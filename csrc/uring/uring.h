@@ -167,6 +167,9 @@ int dvs_engine_create(const struct dvs_engine_params *params, struct dvs_engine 
 int dvs_engine_register_files(struct dvs_engine *e, const int32_t *fds, uint32_t n);
 int dvs_engine_register_buffers(struct dvs_engine *e, const struct dvs_buf *bufs, uint32_t n);
 int dvs_engine_enable(struct dvs_engine *e);
+/* Point registered file `index` at another fd (-1: none), e.g. to reuse an engine for the
+ * next file; a ring needs DVS_RING_ALLOW_FILE_UPDATE. */
+int dvs_engine_update_file(struct dvs_engine *e, uint32_t index, int32_t fd);
 int dvs_engine_submit(struct dvs_engine *e, const struct dvs_io *ios, uint32_t n);
 int dvs_engine_reap(struct dvs_engine *e, struct dvs_io_done *out, uint32_t max,
 		    uint32_t min_wait);
