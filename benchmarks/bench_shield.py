@@ -33,6 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+# numpy's OpenBLAS threads spin on a 2-vCPU machine; nothing here needs BLAS
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from dvs.lowlevel import uring as u  # noqa: E402
 from dvs.lowlevel.shield import BLOCK  # noqa: E402
@@ -72,15 +74,35 @@ def build(tmp: Path) -> dict[str, Path]:
     out["sqlite dvs"] = tmp / "sqlite_dvs"
     core = [*sorted((ROOT / "csrc/shield").glob("*.c")), *sorted((ROOT / "csrc/uring").glob("*.c"))]
     subprocess.run(
-        [*cc, "-DWITH_DVS", f"-I{ROOT / 'csrc'}", "-o", out["sqlite dvs"], src, *core,
-         ROOT / "csrc/sys/sync.c", "-lsqlite3", "-luring", "-lcrypto", "-lpthread"],
+        [
+            *cc,
+            "-DWITH_DVS",
+            f"-I{ROOT / 'csrc'}",
+            "-o",
+            out["sqlite dvs"],
+            src,
+            *core,
+            ROOT / "csrc/sys/sync.c",
+            "-lsqlite3",
+            "-luring",
+            "-lcrypto",
+            "-lpthread",
+        ],
         check=True,
     )
     if Path("/usr/include/sqlcipher/sqlite3.h").exists():
         out["sqlite sqlcipher"] = tmp / "sqlite_sqlcipher"
         subprocess.run(
-            [*cc, "-DWITH_SQLCIPHER", "-DSQLITE_HAS_CODEC", "-I/usr/include/sqlcipher",
-             "-o", out["sqlite sqlcipher"], src, "-lsqlcipher"],
+            [
+                *cc,
+                "-DWITH_SQLCIPHER",
+                "-DSQLITE_HAS_CODEC",
+                "-I/usr/include/sqlcipher",
+                "-o",
+                out["sqlite sqlcipher"],
+                src,
+                "-lsqlcipher",
+            ],
             check=True,
         )
     return out
@@ -91,7 +113,9 @@ def perf_syscalls(cmd: list[str]) -> int | None:
         return None
     res = subprocess.run(
         ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "--", *cmd],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     for line in res.stderr.splitlines():
         if "raw_syscalls:sys_enter" in line and line.split(",")[0].isdigit():
@@ -99,22 +123,47 @@ def perf_syscalls(cmd: list[str]) -> int | None:
     return None
 
 
-def c_loop(loop: Path, engine: str, mode: str, path: Path, bs: int, qd: int, ops: int,
-           direct: bool) -> tuple[float, float]:
+def c_loop(
+    loop: Path, engine: str, mode: str, path: Path, bs: int, qd: int, ops: int, direct: bool
+) -> tuple[float, float]:
     res = subprocess.run(
-        [str(loop), engine, mode, str(path), str(FILE_BYTES), str(bs), str(qd), str(ops),
-         str(int(direct))],
-        capture_output=True, text=True, timeout=600, check=True,
+        [
+            str(loop),
+            engine,
+            mode,
+            str(path),
+            str(FILE_BYTES),
+            str(bs),
+            str(qd),
+            str(ops),
+            str(int(direct)),
+            str(int("write" in mode)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     seconds = float(res.stdout.split("seconds=")[1])
     return ops / seconds, ops * bs / seconds / 1e6
 
 
-def c_loop_syscalls(loop: Path, engine: str, mode: str, path: Path, bs: int, qd: int,
-                    ops: int, direct: bool) -> float:
+def c_loop_syscalls(
+    loop: Path, engine: str, mode: str, path: Path, bs: int, qd: int, ops: int, direct: bool
+) -> float:
     def cmd(n: int) -> list[str]:
-        return [str(loop), engine, mode, str(path), str(FILE_BYTES), str(bs), str(qd), str(n),
-                str(int(direct))]
+        return [
+            str(loop),
+            engine,
+            mode,
+            str(path),
+            str(FILE_BYTES),
+            str(bs),
+            str(qd),
+            str(n),
+            str(int(direct)),
+            str(int("write" in mode)),
+        ]
 
     big, small = perf_syscalls(cmd(ops)), perf_syscalls(cmd(ops // 2))
     if big is None or small is None:
@@ -139,8 +188,9 @@ def run_io(args: argparse.Namespace, bins: dict[str, Path], tmp: Path) -> list[R
     kb.prepare_file(data, FILE_BYTES)
     vol_path = tmp / "sealed"
     for direct in (False, True):
-        vol_dir = Volume.create(vol_path, FILE_BYTES, key=KEY, direct=direct, read_slots=256,
-                                write_slots=1024)
+        vol_dir = Volume.create(
+            vol_path, FILE_BYTES, key=KEY, direct=direct, read_slots=256, write_slots=1024
+        )
         kb.volume_sequential(vol_dir, FILE_BYTES, write=True)  # every block holds data
         vol_dir.close()
         for name, mode, bs, qd, ops in WORKLOADS:
@@ -163,21 +213,24 @@ def run_io(args: argparse.Namespace, bins: dict[str, Path], tmp: Path) -> list[R
                         flags = os.O_RDWR | (os.O_DIRECT if direct else 0)
                         fd = os.open(data, flags)
                         buf = u.Buffer(max(qd, 1) * bs)
-                        with u.Engine("io_uring", files=[fd], buffers=[buf], entries=max(qd, 2)) as e:
+                        with u.Engine(
+                            "io_uring", files=[fd], buffers=[buf], entries=max(qd, 2)
+                        ) as e:
                             if bs == BLOCK:
-                                run = kb.ring_random(e, buf, FILE_BYTES // bs, ops, qd,
-                                                     write=write)
+                                run = kb.ring_random(e, buf, FILE_BYTES // bs, ops, qd, write=write)
                             else:
-                                run = kb.ring_sequential(e, buf, FILE_BYTES, ops * bs, qd,
-                                                         write=write, block=bs)
+                                run = kb.ring_sequential(
+                                    e, buf, FILE_BYTES, ops * bs, qd, write=write, block=bs
+                                )
                         os.close(fd)
                         buf.close()
                         row.ops_per_s.append(run.ops_per_s)
                         row.mb_per_s.append(run.mb_per_s)
                         row.syscalls_per_op = run.syscalls_per_op
                     else:
-                        with Volume.open(vol_path, key=KEY, direct=direct, read_slots=256,
-                                         write_slots=1024) as vol:
+                        with Volume.open(
+                            vol_path, key=KEY, direct=direct, read_slots=256, write_slots=1024
+                        ) as vol:
                             if bs == BLOCK:
                                 kb.volume_random(vol, 2_000, qd, write=False)  # load the tree
                                 run = kb.volume_random(vol, ops, qd, write=write)
@@ -213,9 +266,23 @@ def counter_check(tmp: Path) -> tuple[int, int]:
     counts = []
     for ops in (20_000, 60_000):
         res = subprocess.run(
-            ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter", "--", sys.executable,
-             "-c", script, str(tmp / "data"), str(ops)],
-            capture_output=True, text=True, env=env, timeout=300,
+            [
+                "perf",
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter",
+                "--",
+                sys.executable,
+                "-c",
+                script,
+                str(tmp / "data"),
+                str(ops),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         outside = int(next(x for x in res.stderr.splitlines() if "raw_syscalls" in x).split(",")[0])
         counts.append((outside, int(res.stdout.strip().splitlines()[-1])))
@@ -229,9 +296,20 @@ def run_crypto(args: argparse.Namespace) -> dict[str, float]:
         if o:
             res["openssl"].append(o)
         out = subprocess.run(
-            ["openssl", "speed", "-aead", "-evp", "aes-256-gcm", "-bytes", "4096", "-seconds",
-             "2" if not args.quick else "1"],
-            capture_output=True, text=True, timeout=120,
+            [
+                "openssl",
+                "speed",
+                "-aead",
+                "-evp",
+                "aes-256-gcm",
+                "-bytes",
+                "4096",
+                "-seconds",
+                "2" if not args.quick else "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
         import re
 
@@ -242,7 +320,9 @@ def run_crypto(args: argparse.Namespace) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in res.items() if v}
 
 
-def run_sqlite(args: argparse.Namespace, bins: dict[str, Path], tmp: Path) -> dict[str, list[float]]:
+def run_sqlite(
+    args: argparse.Namespace, bins: dict[str, Path], tmp: Path
+) -> dict[str, list[float]]:
     rounds = 20 if not args.quick else 5
     out: dict[str, list[float]] = {}
     for _ in range(args.reps):
@@ -253,8 +333,13 @@ def run_sqlite(args: argparse.Namespace, bins: dict[str, Path], tmp: Path) -> di
             db = tmp / f"c-{system}.db"
             for p in tmp.glob(f"c-{system}.db*"):
                 p.unlink()
-            res = subprocess.run([str(exe), str(db), str(rounds)], capture_output=True,
-                                 text=True, timeout=600, check=True)
+            res = subprocess.run(
+                [str(exe), str(db), str(rounds)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            )
             seconds = float(res.stdout.split("seconds=")[1])
             n = int(res.stdout.split("statements=")[1].split()[0])
             out.setdefault(f"C driver, {system}", []).append(n / seconds)
@@ -278,15 +363,24 @@ def fmt_rate(v: float) -> str:
     return f"{v / 1e3:,.1f} k" if v < 1e6 else f"{v / 1e6:,.2f} M"
 
 
-def report(args: argparse.Namespace, rows: list[Row], crypto: dict[str, float],
-           sql: dict[str, list[float]], check: tuple[int, int] | None) -> str:
+def report(
+    args: argparse.Namespace,
+    rows: list[Row],
+    crypto: dict[str, float],
+    sql: dict[str, list[float]],
+    check: tuple[int, int] | None,
+) -> str:
     hz = cpu_hz()
     lines = []
-    lines.append(f"Machine: {platform.node()}, {os.cpu_count()} vCPU, Linux {platform.release()}, "
-                 f"load average at start {os.getloadavg()[0]:.1f}; {args.reps} repetitions, "
-                 f"medians; file {FILE_BYTES >> 20} MiB, page cache warm unless O_DIRECT.")
+    lines.append(
+        f"Machine: {platform.node()}, {os.cpu_count()} vCPU, Linux {platform.release()}, "
+        f"load average at start {os.getloadavg()[0]:.1f}; {args.reps} repetitions, "
+        f"medians; file {FILE_BYTES >> 20} MiB, page cache warm unless O_DIRECT."
+    )
     lines.append("")
-    lines.append("| workload | QD | O_DIRECT | system | ops/s | MB/s | syscalls/op | vs C liburing |")
+    lines.append(
+        "| workload | QD | O_DIRECT | system | ops/s | MB/s | syscalls/op | vs C liburing |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|")
     by_key: dict[tuple[str, int, bool], dict[str, Row]] = {}
     for r in rows:
@@ -299,7 +393,8 @@ def report(args: argparse.Namespace, rows: list[Row], crypto: dict[str, float],
                 continue
             ratio = ""
             if base and name != "C liburing" and len(base.ops_per_s) == len(r.ops_per_s):
-                ratio = f"{statistics.median(a / b for a, b in zip(r.ops_per_s, base.ops_per_s, strict=True)):.2f}x"
+                pairs = zip(r.ops_per_s, base.ops_per_s, strict=True)
+                ratio = f"{statistics.median(a / b for a, b in pairs):.2f}x"
             lines.append(
                 f"| {key[0]} | {key[1]} | {'yes' if key[2] else 'no'} | {name} | "
                 f"{fmt_rate(statistics.median(r.ops_per_s))} | "
@@ -307,14 +402,19 @@ def report(args: argparse.Namespace, rows: list[Row], crypto: dict[str, float],
             )
     lines.append("")
     if check:
-        lines.append(f"Counter check (dvs ring, 4 KiB randread QD32, 40,000 ops, differential): "
-                     f"perf counted {check[0]} syscalls, the engine counted {check[1]}.")
+        lines.append(
+            f"Counter check (dvs ring, 4 KiB randread QD32, 40,000 ops, differential): "
+            f"perf counted {check[0]} syscalls, the engine counted {check[1]}."
+        )
         lines.append("")
     lines.append("AES-256-GCM ceiling, one core, 4 KiB buffers:")
     for k, v in crypto.items():
-        label = {"openssl": "`openssl speed -evp aes-256-gcm -bytes 4096`",
-                 "openssl aead": "`openssl speed -aead -evp aes-256-gcm -bytes 4096` (IV+tag per buffer)",
-                 "dvs": "dvs seal loop (one EVP context, per-block IV, 40-byte AAD, tag)"}[k]
+        label = {
+            "openssl": "`openssl speed -evp aes-256-gcm -bytes 4096`",
+            "openssl aead": "`openssl speed -aead -evp aes-256-gcm -bytes 4096` "
+            "(IV+tag per buffer)",
+            "dvs": "dvs seal loop (one EVP context, per-block IV, 40-byte AAD, tag)",
+        }[k]
         lines.append(f"- {label}: {v / 1e9:.2f} GB/s")
     ceiling = crypto.get("openssl")
     if ceiling:
@@ -326,17 +426,22 @@ def report(args: argparse.Namespace, rows: list[Row], crypto: dict[str, float],
                     f"{statistics.median(r.mb_per_s) * 1e6 / ceiling:.2f}x the openssl speed figure"
                 )
     lines.append("")
-    lines.append("SQLite mixed workload (500-row insert txn, 200 indexed point selects, 50 indexed "
-                 "range aggregates, 200-row update txn per round; journal_mode=DELETE, "
-                 "synchronous=FULL, 4 KiB pages), statements/s:")
+    lines.append(
+        "SQLite mixed workload (500-row insert txn, 200 indexed point selects, 50 indexed "
+        "range aggregates, 200-row update txn per round; journal_mode=DELETE, "
+        "synchronous=FULL, 4 KiB pages), statements/s:"
+    )
     plain_c = statistics.median(sql.get("C driver, plain", [0])) or 1
     plain_py = statistics.median(sql.get("Python sqlite3, plain", [0])) or 1
     for k, v in sql.items():
         base = plain_c if k.startswith("C") else plain_py
-        lines.append(f"- {k}: {statistics.median(v):,.0f} ({statistics.median(v) / base:.2f}x plain)")
+        rate = statistics.median(v)
+        lines.append(f"- {k}: {rate:,.0f} ({rate / base:.2f}x plain)")
     lines.append("")
-    lines.append(f"Enclave-exit cost MODEL (not a measurement): measured time + syscalls x C_exit "
-                 f"cycles at {hz / 1e9:.1f} GHz; modelled ops/s:")
+    lines.append(
+        f"Enclave-exit cost MODEL (not a measurement): measured time + syscalls x C_exit "
+        f"cycles at {hz / 1e9:.1f} GHz; modelled ops/s:"
+    )
     lines.append("")
     lines.append("| workload | QD | O_DIRECT | system | 8,000 cyc | 12,000 cyc | 17,000 cyc |")
     lines.append("|---|---|---|---|---|---|---|")
@@ -345,13 +450,18 @@ def report(args: argparse.Namespace, rows: list[Row], crypto: dict[str, float],
             continue
         rate = statistics.median(r.ops_per_s)
         models = exit_cost_model(1.0, int(r.syscalls_per_op * rate), int(rate), cpu_hz=hz)
-        lines.append(f"| {r.workload} | {r.qd} | {'yes' if r.direct else 'no'} | {r.system} | " +
-                     " | ".join(fmt_rate(m.modelled_ops_per_s) for m in models) + " |")
+        lines.append(
+            f"| {r.workload} | {r.qd} | {'yes' if r.direct else 'no'} | {r.system} | "
+            + " | ".join(fmt_rate(m.modelled_ops_per_s) for m in models)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="a tenth of the operations")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where the test files go (default: a temp dir)")
@@ -375,15 +485,18 @@ def main() -> int:
     print()
     print(section)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [r.__dict__ for r in rows],
-                                               "crypto": crypto, "sqlite": sql}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"rows": [r.__dict__ for r in rows], "crypto": crypto, "sqlite": sql}, indent=1
+            )
+        )
     if args.write_results:
         results = HERE / "RESULTS.md"
         old = results.read_text() if results.exists() else "# Benchmark results\n"
         begin, end = "<!-- shield:begin -->", "<!-- shield:end -->"
         block = f"{begin}\n{section}{end}"
         if begin in old:
-            old = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+            old = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
         else:
             old = old.rstrip() + "\n\n" + block + "\n"
         results.write_text(old)

@@ -4,10 +4,11 @@
  * requests in flight, io_uring_submit_and_wait(1) then drain every CQE with
  * io_uring_peek_batch_cqe and refill), or the same workload with pread/pwrite.
  *
- *   uring_loop ENGINE MODE FILE FILE_BYTES BS QD OPS DIRECT
+ *   uring_loop ENGINE MODE FILE FILE_BYTES BS QD OPS DIRECT SYNC
  *     ENGINE  uring | psync
  *     MODE    randread | randwrite | seqread | seqwrite
  *     DIRECT  0 | 1 (O_DIRECT)
+ *     SYNC    0 | 1 (an fdatasync at the end, inside the timing: durable writes)
  * Prints one line: "ops=N seconds=S". Syscalls are counted from outside (perf).
  */
 #define _GNU_SOURCE
@@ -46,8 +47,8 @@ static uint64_t offset_of(uint64_t i, int random, uint64_t file_bytes, uint64_t 
 
 int main(int argc, char **argv)
 {
-	if (argc != 9) {
-		fprintf(stderr, "usage: %s uring|psync MODE FILE FILE_BYTES BS QD OPS DIRECT\n",
+	if (argc != 10) {
+		fprintf(stderr, "usage: %s uring|psync MODE FILE FILE_BYTES BS QD OPS DIRECT SYNC\n",
 			argv[0]);
 		return 2;
 	}
@@ -60,6 +61,7 @@ int main(int argc, char **argv)
 	unsigned qd = (unsigned)strtoul(argv[6], NULL, 0);
 	uint64_t ops = strtoull(argv[7], NULL, 0);
 	int direct = atoi(argv[8]);
+	int sync = atoi(argv[9]);
 	int fd = open(argv[3], (write ? O_RDWR : O_RDONLY) | (direct ? O_DIRECT : 0));
 	if (fd < 0) {
 		perror("open");
@@ -80,6 +82,10 @@ int main(int argc, char **argv)
 				fprintf(stderr, "short transfer %zd\n", n);
 				return 1;
 			}
+		}
+		if (sync && fdatasync(fd) < 0) {
+			perror("fdatasync");
+			return 1;
 		}
 		t1 = now();
 	} else {
@@ -134,6 +140,17 @@ int main(int argc, char **argv)
 			}
 			io_uring_cq_advance(&ring, got);
 			done += got;
+		}
+		if (sync) {
+			struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+			struct io_uring_cqe *cqe;
+			io_uring_prep_fsync(sqe, fd, IORING_FSYNC_DATASYNC);
+			io_uring_submit_and_wait(&ring, 1);
+			if (io_uring_wait_cqe(&ring, &cqe) < 0 || cqe->res < 0) {
+				fprintf(stderr, "fdatasync failed\n");
+				return 1;
+			}
+			io_uring_cqe_seen(&ring, cqe);
 		}
 		t1 = now();
 		io_uring_queue_exit(&ring);

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dvs.lowlevel.shield import BLOCK, crypto_bench
-from dvs.lowlevel.uring import OP_READ, OP_WRITE, Buffer, DoneArray, Engine, IoArray
+from dvs.lowlevel.uring import OP_FDATASYNC, OP_READ, OP_WRITE, Buffer, DoneArray, Engine, IoArray
 from dvs.shield.volume import Volume
 
 
@@ -85,7 +85,7 @@ def ring_random(
     slots = buf.size // block
     a["addr"] = buf.addr + (np.arange(ops, dtype=np.uint64) % min(qd, slots)) * block
     a["user_data"] = np.arange(ops, dtype=np.uint64)
-    return _drive(engine, ios, ops, qd, block, label)
+    return _drive(engine, ios, ops, qd, block, label, sync=write)
 
 
 def ring_sequential(
@@ -110,10 +110,14 @@ def ring_sequential(
     slots = buf.size // block
     a["addr"] = buf.addr + (np.arange(ops, dtype=np.uint64) % min(qd, slots)) * block
     a["user_data"] = np.arange(ops, dtype=np.uint64)
-    return _drive(engine, ios, ops, qd, block, label)
+    return _drive(engine, ios, ops, qd, block, label, sync=write)
 
 
-def _drive(engine: Engine, ios: IoArray, ops: int, qd: int, block: int, label: str) -> Run:
+def _drive(
+    engine: Engine, ios: IoArray, ops: int, qd: int, block: int, label: str, *, sync: bool
+) -> Run:
+    """Keep ``qd`` requests in flight until all ``ops`` completed; writes end with an
+    fdatasync inside the timing (durable, like the sealed volume's flush)."""
     done = DoneArray(max(qd, 64))
     before = engine.stats()
     t0 = time.perf_counter()
@@ -124,6 +128,11 @@ def _drive(engine: Engine, ios: IoArray, ops: int, qd: int, block: int, label: s
         accepted, n = engine.submit_and_reap(ios, sent, k, done, 1)
         sent += accepted
         got += n
+    if sync:
+        fsync = IoArray(1)
+        fsync.set(0, OP_FDATASYNC, user_data=1 << 62)
+        if engine.run(fsync).np["res"][0] < 0:
+            raise OSError(f"{label}: fdatasync failed")
     seconds = time.perf_counter() - t0
     res = done.np["res"]
     if (res[: min(got, len(res))] < 0).any():
@@ -212,9 +221,7 @@ create index if not exists items_name on items(name);
 """
 
 
-def sqlite_mixed(
-    connect: Callable[[], sqlite3.Connection], rounds: int = 20, seed: int = 5
-) -> Run:
+def sqlite_mixed(connect: Callable[[], sqlite3.Connection], rounds: int = 20, seed: int = 5) -> Run:
     """The mixed workload (defined here): per round, one transaction inserting 500 rows,
     200 point selects through the name index, 50 range aggregates through the category
     index, one transaction updating 200 rows by key. Default SQLite settings
