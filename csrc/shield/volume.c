@@ -14,6 +14,7 @@
  * WRITE_FIXED): [superblock slot 0][slot 1][read staging x read_slots][write slots x
  * write_slots]. Ciphertext is written by sealing straight into a write slot and read by
  * opening straight out of a staging slot: one pass of AES-GCM is the only copy.
+ * Reads of more than half the staging area run as a two-stage pipeline (read_pipelined).
  * Write slots are the write-back queue: a block waits there (DIRTY) until enough gathered,
  * a flush, or DVS_WRITE_SUBMIT; then it is written (INFLIGHT) and its slot freed when the
  * write completes. A read of a block that sits in a write slot opens it from there.
@@ -45,6 +46,7 @@
 
 #define UD_SYNC 1ULL
 #define UD_WRUN 2ULL
+#define UD_PLAN 4ULL
 #define UD(type, payload) (((type) << 56) | (payload))
 
 struct entry {
@@ -115,6 +117,41 @@ struct nodelist {
 	uint64_t n, cap;
 };
 
+/* A planned read of up to `cap` blocks into staging slots [base, base+cap): which blocks
+ * went to which slot and how each disk request fared. Two plans let a sequential read
+ * decrypt one chunk while the next chunk's transfer runs. */
+struct read_plan {
+	uint32_t base, cap;
+	uint32_t staged;   /* blocks staged for disk reads */
+	uint32_t n_req;    /* disk requests */
+	uint32_t pending;  /* requests not completed yet */
+	uint32_t *stage_of; /* staged slot -> index in the caller's block list */
+	uint32_t *req_first; /* request -> its first staged slot */
+	int32_t *res;
+	const uint64_t *list;
+	uint64_t first;
+	uint32_t n;
+	uint8_t *out;
+};
+
+static int plan_init(struct read_plan *p, uint32_t base, uint32_t cap)
+{
+	memset(p, 0, sizeof(*p));
+	p->base = base;
+	p->cap = cap;
+	p->stage_of = calloc(cap, sizeof(uint32_t));
+	p->req_first = calloc(cap, sizeof(uint32_t));
+	p->res = calloc(cap, sizeof(int32_t));
+	return p->stage_of && p->req_first && p->res ? 0 : -ENOMEM;
+}
+
+static void plan_free(struct read_plan *p)
+{
+	free(p->stage_of);
+	free(p->req_first);
+	free(p->res);
+}
+
 enum { W_FREE = 0, W_DIRTY, W_INFLIGHT };
 
 struct dvs_shield_volume {
@@ -159,8 +196,7 @@ struct dvs_shield_volume {
 	int32_t *sync_res;
 	uint32_t n_sync, cap_sync, sync_pending;
 	uint32_t outstanding;
-	uint32_t *stage_of;
-	uint32_t *req_stage; /* first staged block of each sync request */
+	struct read_plan *plans; /* two, see read_pipelined */
 	int failed;          /* sticky: a write or sync failed; the volume must be reopened */
 	int ready;           /* formatted or opened: close flushes */
 	uint8_t *scratch;    /* one block of plaintext */
@@ -319,13 +355,9 @@ static int queue_sync(struct dvs_shield_volume *v, uint8_t op, uint8_t flags, vo
 	if (v->n_sync == v->cap_sync) {
 		uint32_t cap = v->cap_sync ? v->cap_sync * 2 : 64;
 		int32_t *res = realloc(v->sync_res, cap * sizeof(*res));
-		uint32_t *rs = realloc(v->req_stage, cap * sizeof(*rs));
-		if (res)
-			v->sync_res = res;
-		if (rs)
-			v->req_stage = rs;
-		if (!res || !rs)
+		if (!res)
 			return -ENOMEM;
+		v->sync_res = res;
 		v->cap_sync = cap;
 	}
 	uint32_t i = v->n_sync++;
@@ -381,6 +413,13 @@ static int pump(struct dvs_shield_volume *v, uint32_t min_wait)
 			v->sync_pending--;
 		} else if (type == UD_WRUN) {
 			complete_wrun(v, payload, res);
+		} else if (type == UD_PLAN) {
+			struct read_plan *p = &v->plans[(payload >> 24) & 1];
+			uint32_t k = (uint32_t)(payload & 0xffffff);
+			if (k < p->n_req && p->res[k] == -EINPROGRESS) {
+				p->res[k] = res;
+				p->pending--;
+			}
 		}
 	}
 	return n;
@@ -882,9 +921,16 @@ static struct dvs_shield_volume *alloc_volume(struct dvs_engine *e,
 	v->wstate = calloc(v->write_slots, 1);
 	v->wblock = calloc(v->write_slots, sizeof(uint64_t));
 	v->wphys = calloc(v->write_slots, sizeof(uint64_t));
-	v->stage_of = calloc(v->read_slots, sizeof(uint32_t));
 	v->scratch = aligned_alloc(64, BLK);
-	if (!v->done || !v->wstate || !v->wblock || !v->wphys || !v->stage_of || !v->scratch) {
+	v->plans = calloc(2, sizeof(*v->plans));
+	if (v->plans && (plan_init(&v->plans[0], 0, v->read_slots) ||
+			 plan_init(&v->plans[1], 0, v->read_slots))) {
+		plan_free(&v->plans[0]);
+		plan_free(&v->plans[1]);
+		free(v->plans);
+		v->plans = NULL;
+	}
+	if (!v->done || !v->wstate || !v->wblock || !v->wphys || !v->scratch || !v->plans) {
 		dvs_shield_close(v, 1);
 		return NULL;
 	}
@@ -1287,15 +1333,20 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 
 #define BLOCK_AT(list, first, j) ((list) ? (list)[j] : (first) + (j))
 
-/* Read blocks (a list, or first..first+n-1) into out; n <= read_slots. */
-static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
-		      uint32_t n, uint8_t *out)
+/* Blocks that need no disk read are served at once (never written: zeros; waiting in a
+ * write slot: opened from there); the rest are queued as coalesced reads into staging. */
+static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t id,
+		     const uint64_t *list, uint64_t first, uint32_t n, uint8_t *out, uint8_t flags)
 {
 	int ret = ensure_leaves(v, list, first, n);
 	if (ret)
 		return ret;
-	uint32_t staged = 0;
-	v->n_sync = 0;
+	p->staged = p->n_req = p->pending = 0;
+	p->list = list;
+	p->first = first;
+	p->n = n;
+	p->out = out;
+	struct dvs_io *last = NULL;
 	for (uint32_t j = 0; j < n; j++) {
 		uint64_t b = BLOCK_AT(list, first, j);
 		struct entry *e = data_entry(v, b, NULL);
@@ -1312,62 +1363,149 @@ static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_
 			continue;
 		}
 		uint64_t phys = data_phys(v, b, e->flags & 1);
-		struct dvs_io *last = v->n_ios ? &v->ios[v->n_ios - 1] : NULL;
+		uint8_t *dst = stage(v, p->base + p->staged);
 		if (last && last->offset + last->len == phys * BLK && last->len < MAX_RUN * BLK &&
-		    last->addr + last->len == (uint64_t)(uintptr_t)stage(v, staged)) {
+		    last->addr + last->len == (uint64_t)(uintptr_t)dst) {
 			last->len += BLK;
 		} else {
-			uint32_t idx;
-			ret = queue_sync(v, DVS_OP_READ, 0, stage(v, staged), BLK, phys * BLK, &idx);
+			ret = queue_io(v, DVS_OP_READ, flags, dst, BLK, phys * BLK,
+				       UD(UD_PLAN, ((uint64_t)id << 24) | p->n_req));
 			if (ret)
 				return ret;
-			v->req_stage[idx] = staged;
+			last = &v->ios[v->n_ios - 1];
+			p->req_first[p->n_req] = p->staged;
+			p->res[p->n_req] = -EINPROGRESS;
+			p->n_req++;
 		}
-		v->stage_of[staged++] = j;
+		p->stage_of[p->staged++] = j;
 	}
-	if (!staged)
-		return 0;
-	ret = wait_sync(v);
-	if (ret)
-		return ret;
-	for (uint32_t k = 0; k < v->n_sync; k++) {
-		uint32_t from = v->req_stage[k];
-		uint32_t to = k + 1 < v->n_sync ? v->req_stage[k + 1] : staged;
-		int32_t res = v->sync_res[k];
+	p->pending = p->n_req;
+	return 0;
+}
+
+static int plan_wait(struct dvs_shield_volume *v, struct read_plan *p)
+{
+	int ret = submit_queued(v);
+	while (!ret && p->pending) {
+		int n = pump(v, p->pending);
+		if (n < 0)
+			ret = n;
+	}
+	return ret;
+}
+
+/* Check every request came back whole, then authenticate and decrypt into the caller's
+ * buffer, straight out of staging. */
+static int plan_finish(struct dvs_shield_volume *v, struct read_plan *p)
+{
+	for (uint32_t k = 0; k < p->n_req; k++) {
+		uint32_t from = p->req_first[k];
+		uint32_t to = k + 1 < p->n_req ? p->req_first[k + 1] : p->staged;
+		int32_t res = p->res[k];
 		if (res < 0)
 			return res;
 		if ((uint32_t)res != (to - from) * BLK) {
 			/* blocks missing from the file (truncated): they cannot authenticate */
-			uint64_t b = BLOCK_AT(list, first, v->stage_of[from + (uint32_t)res / BLK]);
+			uint64_t b = BLOCK_AT(p->list, p->first, p->stage_of[from + (uint32_t)res / BLK]);
 			set_fail(v, -EBADMSG, DVS_FAIL_DATA, 0, b);
 			return -EBADMSG;
 		}
 	}
-	v->st.blocks_read += staged;
-	for (uint32_t u = 0; u < staged; u++) {
-		uint32_t j = v->stage_of[u];
-		uint64_t b = BLOCK_AT(list, first, j);
-		ret = open_block(v, KIND_DATA, 0, b, data_entry(v, b, NULL), stage(v, u),
-				 out + (uint64_t)j * BLK);
+	v->st.blocks_read += p->staged;
+	for (uint32_t u = 0; u < p->staged; u++) {
+		uint32_t j = p->stage_of[u];
+		uint64_t b = BLOCK_AT(p->list, p->first, j);
+		int ret = open_block(v, KIND_DATA, 0, b, data_entry(v, b, NULL),
+				     stage(v, p->base + u), p->out + (uint64_t)j * BLK);
 		if (ret)
 			return ret;
 	}
 	return 0;
 }
 
+/* Read blocks (a list, or first..first+n-1) into out; n <= read_slots. */
+static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
+		      uint32_t n, uint8_t *out)
+{
+	struct read_plan *p = &v->plans[0];
+	p->base = 0;
+	p->cap = v->read_slots;
+	int ret = plan_read(v, p, 0, list, first, n, out, 0);
+	if (!ret)
+		ret = plan_wait(v, p);
+	if (!ret)
+		ret = plan_finish(v, p);
+	return ret;
+}
+
+/* A long sequential read as a pipeline over two halves of the staging area: chunk k+1's
+ * transfer is handed to a kernel worker (IOSQE_ASYNC) before chunk k is decrypted, so the
+ * page-cache copy and AES-GCM run on two CPUs. */
+static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
+{
+	uint32_t half = v->read_slots / 2;
+	struct read_plan *cur = &v->plans[0], *next = &v->plans[1];
+	cur->base = 0;
+	next->base = half;
+	uint32_t chunk = n < half ? n : half;
+	/* tree nodes load through the staging area too: load them all before the pipeline
+	 * starts, so no node read lands in a half that holds data in flight */
+	int ret = ensure_leaves(v, NULL, first, n);
+	if (!ret)
+		ret = plan_read(v, cur, 0, NULL, first, chunk, out, DVS_IO_ASYNC);
+	uint32_t done = chunk;
+	if (!ret)
+		ret = submit_queued(v);
+	while (!ret) {
+		uint32_t id = cur == &v->plans[0] ? 1 : 0;
+		if (done < n) {
+			uint32_t c = n - done < half ? n - done : half;
+			ret = plan_read(v, next, id, NULL, first + done, c, out + (uint64_t)done * BLK,
+					DVS_IO_ASYNC);
+			if (!ret)
+				ret = submit_queued(v);
+			done += c;
+		} else {
+			next->n = 0;
+		}
+		if (!ret)
+			ret = plan_wait(v, cur);
+		if (!ret)
+			ret = plan_finish(v, cur);
+		if (ret || !next->n)
+			break;
+		struct read_plan *t = cur;
+		cur = next;
+		next = t;
+	}
+	if (ret) {
+		/* let the other half's transfers land before the staging area is reused */
+		while (v->plans[0].pending || v->plans[1].pending) {
+			if (pump(v, 1) < 0)
+				break;
+		}
+	}
+	return ret;
+}
+
 int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
 {
 	if (first > v->capacity || n > v->capacity - first)
 		return -EINVAL;
-	for (uint32_t done = 0; done < n;) {
-		uint32_t chunk = n - done < v->read_slots ? n - done : v->read_slots;
-		int ret = read_chunk(v, NULL, first + done, chunk, out + (uint64_t)done * BLK);
-		if (ret) {
-			/* all or nothing: no partial plaintext from a failing call */
-			dvs_wipe(out, (uint64_t)n * BLK);
-			return ret;
+	int ret = 0;
+	if (n > v->read_slots / 2 && v->read_slots >= 8) {
+		ret = read_pipelined(v, first, n, out);
+	} else {
+		for (uint32_t done = 0; done < n && !ret;) {
+			uint32_t chunk = n - done < v->read_slots ? n - done : v->read_slots;
+			ret = read_chunk(v, NULL, first + done, chunk, out + (uint64_t)done * BLK);
+			done += chunk;
 		}
-		done += chunk;
+	}
+	if (ret) {
+		/* all or nothing: no partial plaintext from a failing call */
+		dvs_wipe(out, (uint64_t)n * BLK);
+		return ret;
 	}
 	return (int)n;
 }
@@ -1881,8 +2019,11 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 	free(v->ios);
 	free(v->done);
 	free(v->sync_res);
-	free(v->req_stage);
-	free(v->stage_of);
+	if (v->plans) {
+		plan_free(&v->plans[0]);
+		plan_free(&v->plans[1]);
+		free(v->plans);
+	}
 	free(v->wstate);
 	free(v->wblock);
 	free(v->wphys);

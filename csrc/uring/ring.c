@@ -193,7 +193,7 @@ static int register_restrictions(struct dvs_ring *r)
 		res[n++].sqe_op = ops[i];
 	}
 	res[n].opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
-	res[n++].sqe_flags = IOSQE_FIXED_FILE | IOSQE_IO_LINK | IOSQE_IO_DRAIN;
+	res[n++].sqe_flags = IOSQE_FIXED_FILE | IOSQE_IO_LINK | IOSQE_IO_DRAIN | IOSQE_ASYNC;
 	res[n].opcode = IORING_RESTRICTION_SQE_FLAGS_REQUIRED;
 	res[n++].sqe_flags = IOSQE_FIXED_FILE;
 	if (r->flags & DVS_RING_ALLOW_FILE_UPDATE) {
@@ -249,7 +249,7 @@ static unsigned sq_pending(struct dvs_ring *r)
 static int valid_request(struct dvs_ring *r, const struct dvs_io *io)
 {
 	if (io->opcode > DVS_OP_FDATASYNC || io->reserved ||
-	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN)))
+	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN | DVS_IO_ASYNC)))
 		return 0;
 	if (io->file < 0 || (uint32_t)io->file >= r->n_files)
 		return 0;
@@ -315,6 +315,8 @@ static void write_sqe(struct dvs_ring *r, uint32_t s)
 		if (io->flags & DVS_IO_DRAIN)
 			sqe->flags |= IOSQE_IO_DRAIN;
 	}
+	if (io->flags & DVS_IO_ASYNC)
+		sqe->flags |= IOSQE_ASYNC;
 	sqe->user_data = ((uint64_t)slot->gen << 32) | s;
 	/* the SQ index array maps ring positions to SQEs; ours is the identity */
 	r->ring.sq.array[idx] = idx;

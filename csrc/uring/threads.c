@@ -280,7 +280,7 @@ int dvs_threads_enable(struct dvs_threads *t)
 static int valid(struct dvs_threads *t, const struct dvs_io *io)
 {
 	if (io->opcode > DVS_OP_FDATASYNC || io->reserved ||
-	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN)))
+	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN | DVS_IO_ASYNC)))
 		return 0;
 	if (io->file < 0 || (uint32_t)io->file >= t->n_files)
 		return 0;

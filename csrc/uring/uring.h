@@ -8,7 +8,7 @@
  * - io_uring_setup(IORING_SETUP_R_DISABLED) creates a ring that accepts no SQEs until
  *   IORING_REGISTER_ENABLE_RINGS; before that, IORING_REGISTER_RESTRICTIONS may limit it
  *   to an allow-list of opcodes and SQE flags (5.10). dvs allows NOP, READ(_FIXED),
- *   WRITE(_FIXED) and FSYNC, allows IOSQE_IO_LINK/IO_DRAIN and *requires*
+ *   WRITE(_FIXED) and FSYNC, allows IOSQE_IO_LINK/IO_DRAIN/ASYNC and *requires*
  *   IOSQE_FIXED_FILE, so an enabled ring can only touch the files registered before.
  * - SINGLE_ISSUER (6.0): only the task (thread) that enabled the ring may submit; another
  *   thread gets -EEXIST. COOP_TASKRUN + TASKRUN_FLAG (5.19): completions that need task
@@ -43,6 +43,8 @@
 /* request flags (struct dvs_io.flags) */
 #define DVS_IO_LINK 1  /* the next request starts after this one succeeded (else -ECANCELED) */
 #define DVS_IO_DRAIN 2 /* starts after every earlier request completed; later ones wait */
+#define DVS_IO_ASYNC 4 /* hand it to a kernel worker at once (IOSQE_ASYNC): lets a page-cache
+			* copy run on another CPU while the submitter works */
 
 #define DVS_IO_NO_BUF 0xffff /* buf: the address is plain memory, not a registered buffer */
 

@@ -170,7 +170,8 @@ def volume_sequential(
 ) -> Run:
     n_blocks = block // BLOCK
     ops = total_bytes // block
-    span = max(1, min(vol.capacity, max(vol.size, block)) // block)
+    # writes sweep the whole capacity; reads sweep what holds data
+    span = max(1, (vol.capacity if write else vol.size) // block)
     data = np.frombuffer(os.urandom(block), dtype=np.uint8).copy()
     before = vol.io_stats()
     t0 = time.perf_counter()
