@@ -325,7 +325,7 @@ def run_sqlite(
 ) -> dict[str, list[float]]:
     rounds = 20 if not args.quick else 5
     out: dict[str, list[float]] = {}
-    for _ in range(args.reps):
+    for _ in range(args.reps * 2):  # cheap, and noisier than the rest: more samples
         for system in ("plain", "dvs", "sqlcipher"):
             exe = bins.get(f"sqlite {system}")
             if exe is None:
@@ -431,12 +431,14 @@ def report(
         "range aggregates, 200-row update txn per round; journal_mode=DELETE, "
         "synchronous=FULL, 4 KiB pages), statements/s:"
     )
-    plain_c = statistics.median(sql.get("C driver, plain", [0])) or 1
-    plain_py = statistics.median(sql.get("Python sqlite3, plain", [0])) or 1
     for k, v in sql.items():
-        base = plain_c if k.startswith("C") else plain_py
+        base = sql.get("C driver, plain" if k.startswith("C") else "Python sqlite3, plain", [])
         rate = statistics.median(v)
-        lines.append(f"- {k}: {rate:,.0f} ({rate / base:.2f}x plain)")
+        ratio = ""
+        if len(base) == len(v) and "plain" not in k:
+            # paired: each repetition's ratio, then the median (the machine is shared)
+            ratio = f", {statistics.median(a / b for a, b in zip(v, base, strict=True)):.2f}x plain"
+        lines.append(f"- {k}: {rate:,.0f} statements/s (median of {len(v)}{ratio})")
     lines.append("")
     lines.append(
         f"Enclave-exit cost MODEL (not a measurement): measured time + syscalls x C_exit "
@@ -467,18 +469,29 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="where the test files go (default: a temp dir)")
     ap.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
     ap.add_argument("--json", default=None, help="also dump raw numbers here")
+    ap.add_argument(
+        "--parts", default="io,crypto,sqlite", help="comma-separated: io, crypto, sqlite"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as t:
         tmp = Path(t)
         print("building the C baselines", flush=True)
         bins = build(tmp)
-        print("I/O workloads", flush=True)
-        rows = run_io(args, bins, tmp)
-        check = counter_check(tmp) if shutil.which("perf") else None
-        print("crypto ceiling", flush=True)
-        crypto = run_crypto(args)
-        print("SQLite", flush=True)
-        sql = run_sqlite(args, bins, tmp)
+        parts = set(args.parts.split(","))
+        rows: list[Row] = []
+        check = None
+        crypto: dict[str, float] = {}
+        sql: dict[str, list[float]] = {}
+        if "io" in parts:
+            print("I/O workloads", flush=True)
+            rows = run_io(args, bins, tmp)
+            check = counter_check(tmp) if shutil.which("perf") else None
+        if "crypto" in parts:
+            print("crypto ceiling", flush=True)
+            crypto = run_crypto(args)
+        if "sqlite" in parts:
+            print("SQLite", flush=True)
+            sql = run_sqlite(args, bins, tmp)
     text = report(args, rows, crypto, sql, check)
     command = "python3 benchmarks/bench_shield.py " + " ".join(sys.argv[1:])
     section = f"## Shielded I/O (issue 4)\n\nCommand: `{command.strip()}`\n\n{text}\n"

@@ -478,7 +478,9 @@ static int wait_all(struct dvs_shield_volume *v)
 
 /* ---- write slots ---- */
 
-/* Runs of DIRTY write slots that are contiguous in the file. */
+/* Runs of DIRTY write slots that are contiguous in the file. (No IO_DRAIN on chains: the
+ * callers wait for everything in flight first, and a drained head is forced into a kernel
+ * worker, which costs a context switch per flush.) */
 static uint32_t count_runs(const struct dvs_shield_volume *v)
 {
 	uint32_t runs = 0;
@@ -515,7 +517,7 @@ static int queue_dirty(struct dvs_shield_volume *v, int link)
 			v->wstate[s + i] = W_INFLIGHT;
 		v->n_wdirty -= len;
 		v->n_winflight += len;
-		uint8_t flags = link ? (uint8_t)(DVS_IO_LINK | (queued ? 0 : DVS_IO_DRAIN)) : 0;
+		uint8_t flags = link ? DVS_IO_LINK : 0;
 		int ret = queue_io(v, DVS_OP_WRITE, flags, wslot(v, s), len * BLK, v->wphys[s] * BLK,
 				   UD(UD_WRUN, ((uint64_t)len << 24) | s));
 		if (ret)
@@ -817,8 +819,9 @@ static int seal_superblock(struct dvs_shield_volume *v, uint32_t s, uint64_t epo
 }
 
 /* Make a state durable. Appended to whatever the caller queued (a flush's data and tree
- * writes, linked), as one chain: [the previous state into slot 1] -> FDATASYNC (drains
- * everything before) -> the new state into slot 0 -> FDATASYNC. A failed or short member
+ * writes, linked), as one chain: [the previous state into slot 1] -> FDATASYNC -> the new
+ * state into slot 0 -> FDATASYNC. Writes outside the chain that the new state refers to
+ * must have completed before (flush waits for them). A failed or short member
  * cancels the rest, so slot 0 never names a state whose blocks did not reach the file; and
  * slot 1 always holds the previous durable state when slot 0 is rewritten, so a torn
  * superblock write falls back one flush, never further. */
@@ -827,7 +830,6 @@ static int commit_superblock(struct dvs_shield_volume *v, uint64_t epoch,
 {
 	int durable = sync && !(v->flags & DVS_VOL_EPHEMERAL);
 	uint8_t link = durable ? DVS_IO_LINK : 0;
-	int chained = v->n_ios > 0; /* the caller's writes head the chain */
 	int ret = 0;
 	v->n_sync = 0;
 	int y_index = -1;
@@ -835,16 +837,13 @@ static int commit_superblock(struct dvs_shield_volume *v, uint64_t epoch,
 		ret = seal_superblock(v, 1, v->epoch, &v->committed_root, v->committed_size,
 				      v->nonce_limit);
 		if (!ret)
-			ret = queue_sync(v, DVS_OP_WRITE, (uint8_t)(link | (chained ? 0 : DVS_IO_DRAIN)),
-					 sbuf(v, 1), BLK, BLK, NULL);
+			ret = queue_sync(v, DVS_OP_WRITE, link, sbuf(v, 1), BLK, BLK, NULL);
 		y_index = 0;
-		chained = 1;
 	}
 	if (!ret)
 		ret = seal_superblock(v, 0, epoch, root, size, limit);
 	if (!ret && durable)
-		ret = queue_sync(v, DVS_OP_FDATASYNC,
-				 (uint8_t)(DVS_IO_LINK | (chained ? 0 : DVS_IO_DRAIN)), NULL, 0, 0, NULL);
+		ret = queue_sync(v, DVS_OP_FDATASYNC, DVS_IO_LINK, NULL, 0, 0, NULL);
 	int x_index = (int)v->n_sync;
 	if (!ret)
 		ret = queue_sync(v, DVS_OP_WRITE, link, sbuf(v, 0), BLK, 0, NULL);
@@ -1995,7 +1994,7 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 			ret = seal_superblock(v, 1, v->epoch, &v->committed_root, v->committed_size,
 					      v->nonce_limit);
 			if (!ret)
-				ret = queue_sync(v, DVS_OP_WRITE, DVS_IO_LINK | DVS_IO_DRAIN, sbuf(v, 1),
+				ret = queue_sync(v, DVS_OP_WRITE, DVS_IO_LINK, sbuf(v, 1),
 						 BLK, BLK, NULL);
 			if (!ret)
 				ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);

@@ -128,6 +128,8 @@ int dvs_engine_submit_and_reap(struct dvs_engine *e, const struct dvs_io *ios, u
 			       uint32_t min_wait)
 {
 	*accepted = 0;
+	if (e->kind == DVS_ENGINE_RING)
+		return dvs_ring_submit_and_reap(e->ring, ios, n, accepted, out, max, min_wait);
 	if (n) {
 		int ret = dvs_engine_submit(e, ios, n);
 		if (ret < 0)

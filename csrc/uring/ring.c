@@ -353,12 +353,11 @@ static void flush_requeues(struct dvs_ring *r)
 		write_sqe(r, r->requeue[--r->n_requeue]);
 }
 
-int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
+/* Write SQEs for as many requests as fit (entering the kernel only when the SQ is full);
+ * the caller publishes. Returns the count taken or -errno; *invalid: ios[count] is bad. */
+static int queue_requests(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n,
+			  int *invalid_out)
 {
-	if (!r->enabled)
-		return -EBADFD;
-	if (wrong_thread(r))
-		return -EEXIST;
 	flush_requeues(r);
 	uint32_t accepted = 0;
 	int invalid = 0;
@@ -405,6 +404,20 @@ int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
 		r->stats.queue_full++;
 	r->stats.submitted += accepted;
 	r->stats.in_flight = r->n_slots - r->n_free;
+	*invalid_out = invalid;
+	return (int)accepted;
+}
+
+int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
+{
+	if (!r->enabled)
+		return -EBADFD;
+	if (wrong_thread(r))
+		return -EEXIST;
+	int invalid = 0;
+	int accepted = queue_requests(r, ios, n, &invalid);
+	if (accepted < 0)
+		return accepted;
 	if (accepted || sq_pending(r)) {
 		int ret = publish(r, 0, 0);
 		if (ret < 0 && !accepted)
@@ -412,7 +425,7 @@ int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
 	}
 	if (invalid && accepted == 0)
 		return -EINVAL;
-	return (int)accepted;
+	return accepted;
 }
 
 /* ---- completion ---- */
@@ -523,6 +536,25 @@ int dvs_ring_reap(struct dvs_ring *r, struct dvs_io_done *out, uint32_t max,
 			break;
 	}
 	return (int)n;
+}
+
+int dvs_ring_submit_and_reap(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n,
+			     uint32_t *accepted, struct dvs_io_done *out, uint32_t max,
+			     uint32_t min_wait)
+{
+	if (!r->enabled)
+		return -EBADFD;
+	if (wrong_thread(r))
+		return -EEXIST;
+	int invalid = 0;
+	int taken = queue_requests(r, ios, n, &invalid);
+	if (taken < 0)
+		return taken;
+	*accepted = (uint32_t)taken;
+	if (invalid && taken == 0)
+		return -EINVAL;
+	/* the reap's io_uring_enter carries the new SQEs too: one syscall for both */
+	return dvs_ring_reap(r, out, max, min_wait);
 }
 
 int dvs_ring_stats(struct dvs_ring *r, struct dvs_io_stats *out)

@@ -135,6 +135,10 @@ int dvs_ring_submit(struct dvs_ring *ring, const struct dvs_io *ios, uint32_t n)
  * (min_wait is capped at what is in flight). Returns the number written. */
 int dvs_ring_reap(struct dvs_ring *ring, struct dvs_io_done *out, uint32_t max,
 		  uint32_t min_wait);
+/* Both at once, with one io_uring_enter (to_submit + GETEVENTS) where one is needed. */
+int dvs_ring_submit_and_reap(struct dvs_ring *ring, const struct dvs_io *ios, uint32_t n,
+			     uint32_t *accepted, struct dvs_io_done *out, uint32_t max,
+			     uint32_t min_wait);
 int dvs_ring_stats(struct dvs_ring *ring, struct dvs_io_stats *out);
 int dvs_ring_info(struct dvs_ring *ring, struct dvs_ring_info *out);
 /* The ring fd (for tests that poke the kernel object directly). */
