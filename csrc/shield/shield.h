@@ -185,7 +185,8 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard);
 /* scrypt(passphrase, salt) -> the 32-byte master key (what DVS_KDF_DERIVED expects). */
 int dvs_shield_scrypt(const uint8_t *pass, uint32_t pass_len, const uint8_t *salt32,
 		      uint32_t log2_n, uint32_t r, uint32_t p, uint8_t *out32);
-/* Seal (or open) n blocks in memory with one context: the crypto ceiling of this code. */
+/* Seal (or open) n blocks in memory with one context: the crypto ceiling of this code
+ * (elapsed_ns is the calling thread's CPU time). */
 int dvs_shield_crypto_bench(uint32_t n, uint32_t open, uint64_t *elapsed_ns);
 
 /* ---- the SQLite VFS (vfs.c) ----
