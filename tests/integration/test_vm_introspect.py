@@ -296,9 +296,10 @@ HEARTBEAT = (
 def run_sideload_series(guest: LinuxGuest, kernel: LinuxKernel, runs: int) -> None:
     guest.check("pkill -f dvs-heartbeat; rm -f /tmp/dvs-heartbeat; " + HEARTBEAT)
     bad_before = len(BAD_DMESG.findall(guest.check("dmesg")))
+    # read before the console level goes up: kernel lines would interleave with the output
+    beats_before = int(guest.check("sleep 1; wc -l < /tmp/dvs-heartbeat").strip())
     # The console shows KERN_INFO only while we inject (the fixture keeps it at emergencies).
     guest.check("dmesg -n 7")
-    beats_before = int(guest.check("sleep 1; wc -l < /tmp/dvs-heartbeat").strip())
     tag = secrets.token_hex(4)
     loader = Sideloader(kernel)
     results = []
