@@ -6,6 +6,10 @@
  * associated data together. One EVP_CIPHER_CTX per volume is keyed once and re-initialised
  * per block with only a new IV (EVP_CipherInit_ex with NULL cipher and key keeps the key
  * schedule), switching direction with the enc flag.
+ * AES-256-SIV (RFC 5297) seals the superblock: a deterministic AEAD whose synthetic IV is
+ * a MAC of the associated data and the plaintext, so it needs no nonce that must stay
+ * unique -- a superblock write that a crash loses may be repeated with the same inputs
+ * without harm (repeating them only shows two identical messages). Its key is 64 bytes.
  * scrypt (RFC 7914) turns a passphrase into the master key; HKDF-SHA256 (RFC 5869) derives
  * independent per-volume keys from the master key and the volume id.
  */
@@ -27,6 +31,13 @@ int dvs_gcm_seal(struct dvs_gcm *g, const uint8_t nonce[12], const uint8_t *aad,
 /* Decrypt and verify; -EBADMSG on a bad tag, and then out holds no plaintext (wiped). */
 int dvs_gcm_open(struct dvs_gcm *g, const uint8_t nonce[12], const uint8_t *aad, size_t aad_len,
 		 const uint8_t *in, uint8_t *out, size_t len, const uint8_t tag[16]);
+
+/* AES-256-SIV over one associated-data string: in -> out (len bytes), 16-byte tag (the
+ * synthetic IV). open: -EBADMSG when it does not authenticate, and out is wiped. */
+int dvs_siv_seal(const uint8_t key[64], const uint8_t *aad, size_t aad_len, const uint8_t *in,
+		 uint8_t *out, size_t len, uint8_t tag[16]);
+int dvs_siv_open(const uint8_t key[64], const uint8_t *aad, size_t aad_len, const uint8_t *in,
+		 uint8_t *out, size_t len, const uint8_t tag[16]);
 
 int dvs_scrypt(const uint8_t *pass, size_t pass_len, const uint8_t *salt, size_t salt_len,
 	       uint32_t log2_n, uint32_t r, uint32_t p, uint8_t out[32]);

@@ -2,12 +2,13 @@
  * shield.h -- the sealed volume: an authenticated-encrypted, crash-consistent block store
  * on a dvs engine (io_uring ring, thread pool or memory disk), and the SQLite VFS on it.
  *
- * On-disk format, version 1 (all integers little-endian, blocks of 4096 bytes):
+ * On-disk format, version 2 (all integers little-endian, blocks of 4096 bytes):
  *   block 0, 1   superblock slots. A plain 256-byte header (magic "DVSSHLD1", version,
- *                geometry, KDF id + parameters + salt, volume id, key check, the seal
- *                nonce) authenticated as GCM associated data, then a 128-byte sealed
- *                payload (epoch, nonce reservation, size in bytes, the root entry), its tag,
- *                and zeros to the end of the block (checked).
+ *                geometry, KDF id + parameters + salt, volume id, key check, a random
+ *                96-bit seal nonce) authenticated as associated data, then a 128-byte sealed
+ *                payload (epoch, nonce reservation, size in bytes, flags, the root entry,
+ *                the first counter of the epoch's writes), its 16-byte tag, and zeros to
+ *                the end of the block (checked).
  *   inner nodes  the MAC tree above the leaves: node (level l >= 1, index j) in two
  *                slots; a node is 128 entries of 32 bytes, sealed as one block. Inner nodes
  *                describe child nodes; the top level is one root node whose entry lives in
@@ -19,21 +20,33 @@
  * An entry is {u64 counter, u32 salt, u32 flags (bit 0: slot), u8 tag[16]}. counter 0 means
  * "never written": the block (or the whole subtree) reads as zeros without any I/O.
  *
- * Sealing: AES-256-GCM with a per-volume key HKDF(master, volume id). The nonce is the
- * volume-wide write counter (u64) and a per-open random salt (u32); the counter never
- * repeats: before using counter c the superblock on disk must already reserve a limit > c
- * (reservations are made durable ahead of use, 2^32 at a time), and an open continues
- * above the highest reservation found. The associated data binds volume id, kind
- * (data/meta), level, block index and counter, so a block moved, swapped or replayed from
- * an older version fails its tag. A child's tag and counter live in its parent, the root's in
- * the sealed superblock: an old node or block no longer matches what its parent expects.
+ * Sealing: blocks and nodes use AES-256-GCM with a per-volume key HKDF(master, volume id).
+ * The nonce is the volume-wide write counter (u64) and a per-open random salt (u32); the
+ * counter never repeats: before using counter c the superblock on disk must already
+ * reserve a limit > c (reservations are made durable ahead of use, 2^32 at a time), and an
+ * open continues above the highest reservation found. The associated data binds volume id,
+ * kind (data/meta), level, block index and counter, so a block moved, swapped or replayed
+ * from an older version fails its tag. A child's tag and counter live in its parent, the
+ * root's in the sealed superblock: an old node or block no longer matches what its parent
+ * expects. The superblock itself is sealed with AES-256-SIV under its own key: a
+ * deterministic AEAD, so a superblock write lost in a crash and repeated after the reopen
+ * reuses no GCM nonce (SIV needs none; its random seal nonce only hides equal payloads).
  *
- * Crash consistency: a block is never overwritten while the committed state refers to it;
- * writes go to the other slot (chosen once per block per epoch), tree nodes likewise. flush
- * = write the data, seal dirty nodes bottom-up and write them, then FDATASYNC (drain) ->
- * superblock slot 0 -> FDATASYNC as one linked chain; slot 1 gets the same state after the
- * flush returns (made durable by the next flush's first sync). An open picks the newest
- * slot that authenticates, so a crash anywhere leaves some flush boundary readable.
+ * Crash consistency, one FDATASYNC per flush: a block is never overwritten while the
+ * committed state refers to it; writes go to the other slot (chosen once per block per
+ * epoch), tree nodes likewise, and the superblock alternates between its two slots, so the
+ * committed state stays intact on disk until the next flush is durable. A flush writes its
+ * data, its dirty nodes (sealed bottom-up) and the new superblock -- flagged UNSYNCED and
+ * naming the first counter of its writes -- then one FDATASYNC; it returns after that. A
+ * crash may persist the new superblock and lose or tear any of its other writes, so an
+ * open authenticates, for an UNSYNCED superblock, every node and block whose counter is at
+ * least that first counter (exactly the flush's writes, reachable from the root through
+ * entries that new); if one is missing or torn, it falls back to the other slot's state
+ * (the previous flush, left intact), reports the newer slot as damaged, and makes the
+ * chosen state durable (FDATASYNC) before it writes anything. Flushes that wrote more than
+ * DVS_SHIELD_VERIFY_LIMIT blocks instead write FDATASYNC -> superblock -> FDATASYNC (the
+ * superblock then is not UNSYNCED and an open checks nothing), so an open never reads more
+ * than that. A clean close copies the last state into the other slot as well.
  *
  * Conventions: 0 / count, or -errno. Integrity failures are -EBADMSG with the failing
  * block named in the status (fail_kind/fail_level/fail_index); -EKEYREJECTED: wrong key;
@@ -48,7 +61,8 @@
 
 /* cffi:begin */
 #define DVS_SHIELD_BLOCK 4096
-#define DVS_SHIELD_FORMAT_VERSION 1
+#define DVS_SHIELD_FORMAT_VERSION 2
+#define DVS_SHIELD_VERIFY_LIMIT 2048 /* blocks an open may authenticate for a torn flush */
 #define DVS_SHIELD_MAX_CAPACITY 1073741824 /* blocks: 4 TiB */
 
 #define DVS_KDF_RAW 0     /* secret is the 32-byte master key */
@@ -76,7 +90,7 @@ struct dvs_shield_anchor {
 #define DVS_VOL_EPHEMERAL 2 /* never sync (temporary files) */
 #define DVS_VOL_STRICT 4    /* a damaged superblock slot is an error even if the other is good */
 #define DVS_VOL_LAZY_FORMAT 8 /* format without syncing (durable at the first flush) */
-#define DVS_VOL_FAST_CLOSE 16 /* close without syncing the second superblock copy */
+#define DVS_VOL_FAST_CLOSE 16 /* close without copying the last state into the other slot */
 
 struct dvs_shield_config {
 	uint64_t capacity_blocks; /* format only */
@@ -107,7 +121,8 @@ struct dvs_shield_status {
 	uint64_t nonce_limit;
 	uint32_t levels;
 	uint32_t superblock_slot;   /* the slot the open used */
-	uint32_t superblock_damage; /* bit s: slot s failed to authenticate at open */
+	uint32_t superblock_damage; /* bit s: slot s failed to authenticate at open, or named a
+				     * flush whose writes are not all there (torn) */
 	uint32_t kdf;
 	int32_t fail_code;
 	uint32_t fail_kind;         /* DVS_FAIL_* */
@@ -124,6 +139,9 @@ struct dvs_shield_status {
 	uint64_t reservations;
 	uint64_t cached_nodes;
 	uint64_t dirty_blocks;
+	uint64_t syncs;          /* FDATASYNCs issued (format, commits, open, close) */
+	uint64_t open_verified;  /* nodes and blocks the open authenticated for an UNSYNCED flush */
+	uint64_t torn_epoch;     /* the epoch an open discarded as torn (0: none) */
 };
 
 struct dvs_shield_header { /* the plain part of a superblock slot, parsed and checked */
@@ -140,7 +158,8 @@ struct dvs_shield_header { /* the plain part of a superblock slot, parsed and ch
 	uint64_t capacity_blocks;
 	uint64_t meta_base;
 	uint64_t data_base;
-	uint64_t seal_counter;
+	uint8_t seal_nonce[12];
+	uint32_t pad2;
 };
 
 struct dvs_shield_volume;
@@ -180,7 +199,9 @@ int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint6
 /* Where logical block `block` lives in the file now (-ENODATA: never written). */
 int dvs_shield_locate(struct dvs_shield_volume *v, uint64_t block, uint64_t *phys);
 int dvs_shield_anchor(struct dvs_shield_volume *v, struct dvs_shield_anchor *out);
-/* Flush (unless discard) and free; the engine stays the caller's. */
+/* Flush (unless discard) and free; the engine stays the caller's. discard ==
+ * DVS_CLOSE_ENGINE_GONE: the engine was destroyed already, free memory without touching it. */
+#define DVS_CLOSE_ENGINE_GONE 2
 int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard);
 /* scrypt(passphrase, salt) -> the 32-byte master key (what DVS_KDF_DERIVED expects). */
 int dvs_shield_scrypt(const uint8_t *pass, uint32_t pass_len, const uint8_t *salt32,

@@ -34,7 +34,8 @@
 #define FANOUT 128u
 #define MAX_LEVELS 6
 #define RESERVE_STEP (1ULL << 32) /* counters reserved per durable superblock write */
-#define SB_MARGIN 8               /* counters kept back for the superblocks of a reservation */
+#define SB_MARGIN 8               /* counters kept back (superblocks used to take some) */
+#define SB_UNSYNCED 1ULL          /* payload flag: written with its flush, before the sync */
 #define MAX_RUN 64                /* blocks per coalesced request */
 #define MAX_CHAIN 32              /* write runs a flush links into its commit chain */
 #define SLOT_NONE 2
@@ -84,8 +85,7 @@ struct sb_header {
 	uint64_t capacity_blocks;
 	uint64_t meta_base;
 	uint64_t data_base;
-	uint64_t seal_counter;
-	uint32_t seal_salt;
+	uint8_t seal_nonce[12]; /* random: SIV needs no unique nonce; it hides equal payloads */
 	uint32_t reserved0;
 	uint8_t key_check[16];
 	uint8_t reserved[112];
@@ -96,9 +96,10 @@ struct sb_payload {
 	uint64_t epoch;
 	uint64_t nonce_limit;
 	uint64_t size;
-	uint64_t flags;
+	uint64_t flags;      /* SB_UNSYNCED */
 	struct entry root;
-	uint8_t reserved[64];
+	uint64_t flush_from; /* UNSYNCED: the first counter of this epoch's writes */
+	uint8_t reserved[56];
 };
 _Static_assert(sizeof(struct sb_payload) == 128, "superblock payload is 128 bytes");
 #define SB_TAG_OFF (256 + 128)
@@ -170,6 +171,7 @@ struct dvs_shield_volume {
 	/* identity and keys */
 	struct sb_header header; /* template; slot and seal nonce are set per write */
 	struct dvs_gcm gcm;
+	uint8_t sb_key[64];      /* AES-256-SIV key of the superblock */
 	uint32_t salt;
 	uint64_t next_counter, nonce_limit;
 	/* committed state (what the newest durable superblock says) */
@@ -187,7 +189,10 @@ struct dvs_shield_volume {
 	uint64_t *wblock;
 	uint64_t *wphys;
 	uint32_t wcursor, n_wdirty, n_winflight;
-	uint64_t y_epoch; /* the state superblock slot 1 holds on disk */
+	uint32_t sb_slot;    /* the slot holding the committed state; the next commit takes the other */
+	int mirrored;        /* the other slot holds the committed state too (format, clean close) */
+	uint64_t flush_from; /* next_counter when the committed state was made: the epoch's writes
+			      * have counters from here on */
 	/* I/O */
 	struct dvs_io *ios;
 	uint32_t n_ios, cap_ios;
@@ -199,7 +204,10 @@ struct dvs_shield_volume {
 	struct read_plan *plans; /* two, see read_pipelined */
 	int failed;          /* sticky: a write or sync failed; the volume must be reopened */
 	int ready;           /* formatted or opened: close flushes */
-	uint8_t *scratch;    /* one block of plaintext */
+	uint8_t *scratch;    /* one block of plaintext: the partial block (see byte access) */
+	uint64_t part_block; /* which block scratch holds, when part_valid */
+	uint8_t part_valid;  /* scratch holds the current plaintext of part_block */
+	uint8_t part_dirty;  /* ... with bytes written that are not sealed yet */
 	struct dvs_shield_status st;
 };
 
@@ -792,61 +800,65 @@ static uint32_t choose_data_slot(struct node *leaf, uint32_t k)
 
 /* ---- superblock ---- */
 
-/* Seal the superblock for `epoch` into arena slot s with its own nonce. */
+/* Seal the superblock for `epoch` into arena slot s (destined for superblock slot s). */
 static int seal_superblock(struct dvs_shield_volume *v, uint32_t s, uint64_t epoch,
-			   const struct entry *root, uint64_t size, uint64_t limit)
+			   const struct entry *root, uint64_t size, uint64_t limit, uint64_t flags)
 {
 	uint8_t *b = sbuf(v, s);
 	memset(b, 0, BLK);
 	struct sb_header h = v->header;
 	h.slot = s;
-	h.seal_counter = v->next_counter++;
-	h.seal_salt = v->salt;
+	int ret = dvs_random(h.seal_nonce, sizeof(h.seal_nonce));
+	if (ret)
+		return ret;
 	memcpy(b, &h, sizeof(h));
 	struct sb_payload p;
 	memset(&p, 0, sizeof(p));
 	p.epoch = epoch;
 	p.nonce_limit = limit;
 	p.size = size;
+	p.flags = flags;
 	p.root = *root;
-	uint8_t nonce[12];
-	make_nonce(nonce, h.seal_counter, h.seal_salt);
+	p.flush_from = (flags & SB_UNSYNCED) ? v->flush_from : 0;
 	v->st.blocks_sealed++;
-	int ret = dvs_gcm_seal(&v->gcm, nonce, b, sizeof(h), (const uint8_t *)&p, b + 256,
-			       sizeof(p), b + SB_TAG_OFF);
+	ret = dvs_siv_seal(v->sb_key, b, sizeof(h), (const uint8_t *)&p, b + 256, sizeof(p),
+			   b + SB_TAG_OFF);
 	dvs_wipe(&p, sizeof(p));
 	return ret;
 }
 
-/* Make a state durable. Appended to whatever the caller queued (a flush's data and tree
- * writes, linked), as one chain: [the previous state into slot 1] -> FDATASYNC -> the new
- * state into slot 0 -> FDATASYNC. Writes outside the chain that the new state refers to
- * must have completed before (flush waits for them). A failed or short member
- * cancels the rest, so slot 0 never names a state whose blocks did not reach the file; and
- * slot 1 always holds the previous durable state when slot 0 is rewritten, so a torn
- * superblock write falls back one flush, never further. */
+/* How a commit makes its superblock durable. */
+enum commit_mode {
+	/* the caller linked the flush's writes in front: [writes ->] superblock (UNSYNCED) ->
+	 * FDATASYNC; an open authenticates those writes before it trusts the superblock */
+	COMMIT_WITH_WRITES,
+	/* the writes completed before: FDATASYNC -> superblock -> FDATASYNC */
+	COMMIT_AFTER_BARRIER,
+	/* nothing new is referenced (a nonce reservation; the committed state is durable):
+	 * superblock -> FDATASYNC */
+	COMMIT_STATE_DURABLE,
+};
+
+/* Make a state durable in the slot the committed state does not use. Appended to whatever
+ * the caller queued (linked members run in order; a failed or short member cancels the
+ * rest, so the superblock is not even written when a write before it failed). */
 static int commit_superblock(struct dvs_shield_volume *v, uint64_t epoch,
-			     const struct entry *root, uint64_t size, uint64_t limit, int sync)
+			     const struct entry *root, uint64_t size, uint64_t limit,
+			     enum commit_mode mode)
 {
-	int durable = sync && !(v->flags & DVS_VOL_EPHEMERAL);
-	uint8_t link = durable ? DVS_IO_LINK : 0;
-	int ret = 0;
+	int durable = !(v->flags & DVS_VOL_EPHEMERAL);
+	uint32_t slot = v->sb_slot ^ 1;
+	int ret = seal_superblock(v, slot, epoch, root, size, limit,
+				  mode == COMMIT_WITH_WRITES ? SB_UNSYNCED : 0);
+	if (ret)
+		return ret;
 	v->n_sync = 0;
-	int y_index = -1;
-	if (v->y_epoch < v->epoch) {
-		ret = seal_superblock(v, 1, v->epoch, &v->committed_root, v->committed_size,
-				      v->nonce_limit);
-		if (!ret)
-			ret = queue_sync(v, DVS_OP_WRITE, link, sbuf(v, 1), BLK, BLK, NULL);
-		y_index = 0;
-	}
-	if (!ret)
-		ret = seal_superblock(v, 0, epoch, root, size, limit);
-	if (!ret && durable)
+	if (durable && mode == COMMIT_AFTER_BARRIER)
 		ret = queue_sync(v, DVS_OP_FDATASYNC, DVS_IO_LINK, NULL, 0, 0, NULL);
-	int x_index = (int)v->n_sync;
+	uint32_t sb_index = v->n_sync;
 	if (!ret)
-		ret = queue_sync(v, DVS_OP_WRITE, link, sbuf(v, 0), BLK, 0, NULL);
+		ret = queue_sync(v, DVS_OP_WRITE, durable ? DVS_IO_LINK : 0, sbuf(v, slot), BLK,
+				 (uint64_t)slot * BLK, NULL);
 	if (!ret && durable)
 		ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);
 	if (!ret)
@@ -854,15 +866,16 @@ static int commit_superblock(struct dvs_shield_volume *v, uint64_t epoch,
 	if (ret)
 		return ret;
 	for (uint32_t i = 0; i < v->n_sync; i++) {
-		int is_write = (int)i == x_index || (int)i == y_index;
 		int32_t r = v->sync_res[i];
-		if (r < 0 || (is_write && r != (int32_t)BLK))
+		if (r < 0 || (i == sb_index && r != (int32_t)BLK))
 			return r < 0 ? r : -EIO;
+		if (i != sb_index)
+			v->st.syncs++;
 	}
-	if (v->failed) /* a linked data write failed: the chain was cancelled before slot 0 */
+	if (v->failed) /* a linked data write failed: the chain was cancelled before the superblock */
 		return v->failed;
-	if (y_index >= 0)
-		v->y_epoch = v->epoch;
+	v->sb_slot = slot;
+	v->mirrored = 0;
 	v->st.commits++;
 	return 0;
 }
@@ -874,7 +887,8 @@ static int reserve(struct dvs_shield_volume *v, uint64_t need)
 	if (v->next_counter + need + SB_MARGIN <= v->nonce_limit)
 		return 0;
 	uint64_t limit = v->next_counter + need + SB_MARGIN + RESERVE_STEP;
-	int ret = commit_superblock(v, v->epoch + 1, &v->committed_root, v->committed_size, limit, 1);
+	int ret = commit_superblock(v, v->epoch + 1, &v->committed_root, v->committed_size, limit,
+				    COMMIT_STATE_DURABLE);
 	if (ret) {
 		v->failed = ret;
 		return ret;
@@ -943,6 +957,9 @@ static int derive_keys(struct dvs_shield_volume *v, const uint8_t master[32],
 	int ret = dvs_hkdf(master, 32, volume_id, 16, "dvs-shield v1 block key", data_key, 32);
 	if (!ret)
 		ret = dvs_hkdf(master, 32, volume_id, 16, "dvs-shield v1 key check", check, 32);
+	if (!ret)
+		ret = dvs_hkdf(master, 32, volume_id, 16, "dvs-shield v2 superblock key", v->sb_key,
+			       sizeof(v->sb_key));
 	if (!ret) {
 		memcpy(key_check, check, 16);
 		dvs_gcm_free(&v->gcm);
@@ -1074,14 +1091,15 @@ int dvs_shield_format(struct dvs_engine *e, const struct dvs_shield_key *key,
 	memcpy(&v->salt, salt, 4);
 	v->next_counter = 1;
 	v->nonce_limit = RESERVE_STEP;
+	v->flush_from = v->next_counter;
 	/* Both copies of epoch 1, then a sync. LAZY_FORMAT skips the sync: the first flush
 	 * makes the volume durable (a crash before leaves a file that is no volume yet -- fine
 	 * for files that hold nothing before their first flush, like SQLite journals). */
 	v->epoch = 1;
 	v->n_sync = 0;
-	ret = seal_superblock(v, 0, 1, &v->root, 0, v->nonce_limit);
+	ret = seal_superblock(v, 0, 1, &v->root, 0, v->nonce_limit, 0);
 	if (!ret)
-		ret = seal_superblock(v, 1, 1, &v->root, 0, v->nonce_limit);
+		ret = seal_superblock(v, 1, 1, &v->root, 0, v->nonce_limit, 0);
 	int durable = !(cfg->flags & (DVS_VOL_LAZY_FORMAT | DVS_VOL_EPHEMERAL));
 	if (!ret)
 		ret = queue_sync(v, DVS_OP_WRITE, durable ? DVS_IO_LINK : 0, sbuf(v, 0), BLK, 0, NULL);
@@ -1098,7 +1116,9 @@ int dvs_shield_format(struct dvs_engine *e, const struct dvs_shield_key *key,
 		dvs_shield_close(v, 1);
 		return ret;
 	}
-	v->y_epoch = 1;
+	v->st.syncs += durable;
+	v->sb_slot = 0;
+	v->mirrored = 1;
 	v->st.commits++;
 	v->ready = 1;
 	if (st)
@@ -1148,7 +1168,7 @@ int dvs_shield_parse_header(const uint8_t *block, uint64_t len, struct dvs_shiel
 	out->capacity_blocks = h.capacity_blocks;
 	out->meta_base = h.meta_base;
 	out->data_base = h.data_base;
-	out->seal_counter = h.seal_counter;
+	memcpy(out->seal_nonce, h.seal_nonce, sizeof(out->seal_nonce));
 	return 0;
 }
 
@@ -1158,6 +1178,116 @@ struct slot_view {
 	struct dvs_shield_header h;
 	struct sb_payload p;
 };
+
+static void drop_tree(struct dvs_shield_volume *v)
+{
+	uint64_t it = 0, key;
+	void *val;
+	while (u64map_next(&v->nodes, &it, &key, &val))
+		free(val);
+	u64map_free(&v->nodes);
+	for (uint32_t l = 0; l < MAX_LEVELS; l++)
+		v->dirty[l].n = 0;
+}
+
+static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
+		      uint32_t n, uint8_t *out);
+
+static int push_u64(uint64_t **a, uint64_t *n, uint64_t *cap, uint64_t x)
+{
+	if (*n == *cap) {
+		uint64_t c = *cap ? *cap * 2 : 256;
+		uint64_t *na = realloc(*a, c * sizeof(uint64_t));
+		if (!na)
+			return -ENOMEM;
+		*a = na;
+		*cap = c;
+	}
+	(*a)[(*n)++] = x;
+	return 0;
+}
+
+/* Authenticate what the current state's last flush wrote: the nodes and blocks whose
+ * counter is at least `from`. Counters only grow, so those are exactly the flush's writes,
+ * and each hangs below a node the same flush rewrote: walk down from the root through
+ * entries that new, one batch of reads per level, then read (and wipe) the new data
+ * blocks. -EBADMSG: one of them is missing, torn or not what its parent names. */
+static int verify_flush(struct dvs_shield_volume *v, uint64_t from, uint64_t *checked)
+{
+	if (!v->root.counter || v->root.counter < from)
+		return 0; /* no node changed (the flush only set the size) */
+	uint64_t *cur = NULL, *next = NULL, n = 0, m = 0, cap_cur = 0, cap_next = 0;
+	uint8_t *buf = NULL;
+	int ret = push_u64(&cur, &n, &cap_cur, 0);
+	for (int l = (int)v->levels - 1; l >= 0 && !ret && n; l--) {
+		ret = load_level(v, (uint32_t)l, cur, n);
+		if (ret)
+			break;
+		*checked += n;
+		uint64_t limit = l ? v->level_count[l - 1] : v->capacity;
+		m = 0;
+		for (uint64_t i = 0; i < n && !ret; i++) {
+			const struct node *node = node_get(v, (uint32_t)l, cur[i]);
+			for (uint32_t k = 0; k < FANOUT && !ret; k++) {
+				const struct entry *e = &node->e[k];
+				if (!e->counter || e->counter < from)
+					continue;
+				uint64_t child = cur[i] * FANOUT + k;
+				if (child >= limit) {
+					/* authentic but impossible: never trust it */
+					set_fail(v, -EBADMSG, DVS_FAIL_META, (uint32_t)l, cur[i]);
+					ret = -EBADMSG;
+					break;
+				}
+				ret = push_u64(&next, &m, &cap_next, child);
+			}
+		}
+		if (ret || l > 0) {
+			uint64_t *t = cur, tc = cap_cur;
+			cur = next;
+			cap_cur = cap_next;
+			n = m;
+			next = t;
+			cap_next = tc;
+			continue;
+		}
+		/* level 0: next holds the data blocks the flush wrote */
+		buf = aligned_alloc(64, (uint64_t)v->read_slots * BLK);
+		if (!buf) {
+			ret = -ENOMEM;
+			break;
+		}
+		for (uint64_t done = 0; done < m && !ret;) {
+			uint32_t chunk = (uint32_t)(m - done < v->read_slots ? m - done : v->read_slots);
+			ret = read_chunk(v, next + done, 0, chunk, buf);
+			done += chunk;
+		}
+		if (!ret)
+			*checked += m;
+		dvs_wipe(buf, (uint64_t)v->read_slots * BLK);
+		n = 0;
+	}
+	free(buf);
+	free(cur);
+	free(next);
+	return ret;
+}
+
+/* Take slot view c as the volume's state (keys, geometry, root). */
+static int install_state(struct dvs_shield_volume *v, const struct slot_view *c, uint32_t slot,
+			 const uint8_t master[32])
+{
+	memcpy(&v->header, sbuf(v, slot), sizeof(v->header));
+	v->capacity = c->h.capacity_blocks;
+	int ret = geometry(v->capacity, &v->levels, v->level_count, v->level_base, &v->data_base);
+	if (!ret)
+		ret = derive_keys(v, master, c->h.volume_id, v->header.key_check);
+	v->epoch = c->p.epoch;
+	v->root = v->committed_root = c->p.root;
+	v->size = v->committed_size = c->p.size;
+	v->sb_slot = slot;
+	return ret;
+}
 
 int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 		    const struct dvs_shield_config *cfg, struct dvs_shield_volume **out,
@@ -1223,18 +1353,15 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 			sv[s].auth = -EKEYREJECTED;
 			continue;
 		}
-		uint8_t nonce[12];
-		make_nonce(nonce, raw->seal_counter, raw->seal_salt);
-		sv[s].auth = dvs_gcm_open(&v->gcm, nonce, sbuf(v, s), 256, sbuf(v, s) + 256,
+		sv[s].auth = dvs_siv_open(v->sb_key, sbuf(v, s), 256, sbuf(v, s) + 256,
 					  (uint8_t *)&sv[s].p, sizeof(sv[s].p),
 					  sbuf(v, s) + SB_TAG_OFF);
 		if (!sv[s].auth && sv[s].h.slot != s)
 			sv[s].auth = -EBADMSG; /* a slot copied over the other */
 	}
-	dvs_wipe(prev_master, sizeof(prev_master));
-	int good0 = !sv[0].parse && !sv[0].auth, good1 = !sv[1].parse && !sv[1].auth;
-	uint32_t damage = (good0 ? 0 : 1u) | (good1 ? 0 : 2u);
-	if (!good0 && !good1) {
+	int good[2] = { !sv[0].parse && !sv[0].auth, !sv[1].parse && !sv[1].auth };
+	uint32_t damage = (good[0] ? 0 : 1u) | (good[1] ? 0 : 2u);
+	if (!good[0] && !good[1]) {
 		if (sv[0].parse == -EMEDIUMTYPE && sv[1].parse == -EMEDIUMTYPE)
 			ret = -EMEDIUMTYPE;
 		else if (key_rejected)
@@ -1242,7 +1369,7 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 		else
 			ret = -EBADMSG;
 		set_fail(v, ret, DVS_FAIL_SUPERBLOCK, 0, 0);
-	} else if (good0 && good1 &&
+	} else if (good[0] && good[1] &&
 		   (memcmp(sv[0].h.volume_id, sv[1].h.volume_id, 16) ||
 		    sv[0].h.capacity_blocks != sv[1].h.capacity_blocks ||
 		    (sv[0].p.epoch == sv[1].p.epoch &&
@@ -1251,76 +1378,134 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 		/* two authentic slots that cannot both be states of this volume */
 		ret = -EBADMSG;
 		set_fail(v, ret, DVS_FAIL_SUPERBLOCK, 0, 1);
-	} else if (damage && (cfg->flags & DVS_VOL_STRICT)) {
-		ret = -EBADMSG;
-		set_fail(v, ret, DVS_FAIL_SUPERBLOCK, 0, good0 ? 1 : 0);
 	}
-	uint32_t use = good0 && (!good1 || sv[0].p.epoch >= sv[1].p.epoch) ? 0 : 1;
-	if (!ret) {
-		const struct slot_view *c = &sv[use];
-		if (c->p.root.flags & ~1u || c->p.size > c->h.capacity_blocks * BLK) {
+	for (uint32_t s = 0; s < 2 && !ret; s++) {
+		const struct sb_payload *p = &sv[s].p;
+		if (good[s] && (p->root.flags & ~1u || p->flags & ~SB_UNSYNCED ||
+				p->size > sv[s].h.capacity_blocks * BLK)) {
+			/* authentic yet malformed: nothing this code writes */
 			ret = -EBADMSG;
-			set_fail(v, ret, DVS_FAIL_SUPERBLOCK, 0, use);
+			set_fail(v, ret, DVS_FAIL_SUPERBLOCK, 0, s);
 		}
+	}
+	if (!ret && cfg->have_anchor &&
+	    memcmp(cfg->anchor.volume_id, sv[good[0] ? 0 : 1].h.volume_id, 16)) {
+		ret = -EXDEV;
+		set_fail(v, ret, DVS_FAIL_ROLLBACK, 0, 0);
+	}
+	/* Candidates, newest first; of two copies of one epoch the one that needs no checking
+	 * (a mirror written after its state was durable). An UNSYNCED one is trusted only once
+	 * every write of its flush authenticates; else the previous state is served. */
+	uint32_t order[2], n_cand = 0;
+	for (uint32_t s = 0; s < 2; s++)
+		if (good[s])
+			order[n_cand++] = s;
+	if (n_cand == 2) {
+		const struct sb_payload *a = &sv[0].p, *b = &sv[1].p;
+		int second_first = b->epoch > a->epoch ||
+				   (b->epoch == a->epoch && (a->flags & SB_UNSYNCED) &&
+				    !(b->flags & SB_UNSYNCED));
+		if (second_first) {
+			order[0] = 1;
+			order[1] = 0;
+		}
+	}
+	int use = -1;
+	for (uint32_t i = 0; i < n_cand && !ret; i++) {
+		uint32_t s = order[i];
+		ret = install_state(v, &sv[s], s, master);
+		if (ret || !(sv[s].p.flags & SB_UNSYNCED)) {
+			use = (int)s;
+			break;
+		}
+		uint64_t checked = 0;
+		ret = verify_flush(v, sv[s].p.flush_from, &checked);
+		v->st.open_verified += checked;
+		if (ret == -EBADMSG) {
+			/* the flush did not complete (or its blocks were tampered with) */
+			damage |= 1u << s;
+			if (!v->st.torn_epoch)
+				v->st.torn_epoch = sv[s].p.epoch;
+			drop_tree(v);
+			set_fail(v, 0, DVS_FAIL_NONE, 0, 0);
+			ret = 0;
+			continue;
+		}
+		if (!ret)
+			use = (int)s;
+		break;
+	}
+	dvs_wipe(prev_master, sizeof(prev_master));
+	dvs_wipe(master, sizeof(master));
+	if (!ret && use < 0) {
+		/* no state whose writes are all there: a volume whose first flush never
+		 * completed (lazily formatted, the other slot never written) */
+		if (cfg->have_anchor)
+			ret = -ESTALE;
+		else if (sv[0].parse == -EMEDIUMTYPE || sv[1].parse == -EMEDIUMTYPE)
+			ret = -EMEDIUMTYPE;
+		else
+			ret = -EBADMSG;
+		set_fail(v, ret, ret == -ESTALE ? DVS_FAIL_ROLLBACK : DVS_FAIL_SUPERBLOCK, 0,
+			 v->st.torn_epoch);
+	}
+	if (!ret && damage && (cfg->flags & DVS_VOL_STRICT)) {
+		ret = -EBADMSG;
+		set_fail(v, ret, DVS_FAIL_SUPERBLOCK, 0, (damage & 1) ? 0 : 1);
 	}
 	if (!ret && cfg->have_anchor) {
 		const struct dvs_shield_anchor *a = &cfg->anchor;
 		const struct slot_view *c = &sv[use];
-		if (memcmp(a->volume_id, c->h.volume_id, 16)) {
-			ret = -EXDEV;
-		} else if (c->p.epoch < a->epoch ||
-			   (c->p.epoch == a->epoch &&
-			    (memcmp(a->root, &c->p.root, 32) || a->size != c->p.size))) {
+		if (c->p.epoch < a->epoch ||
+		    (c->p.epoch == a->epoch &&
+		     (memcmp(a->root, &c->p.root, 32) || a->size != c->p.size))) {
 			ret = -ESTALE;
-		}
-		if (ret)
 			set_fail(v, ret, DVS_FAIL_ROLLBACK, 0, c->p.epoch);
+		}
 	}
-	if (ret) {
-		if (st)
-			fill_status(v, st);
-		dvs_wipe(master, sizeof(master));
-		dvs_wipe(sv, sizeof(sv));
-		dvs_shield_close(v, 1);
-		return ret;
-	}
-	const struct slot_view *c = &sv[use];
-	memcpy(&v->header, sbuf(v, use), sizeof(v->header));
-	v->capacity = c->h.capacity_blocks;
-	geometry(v->capacity, &v->levels, v->level_count, v->level_base, &v->data_base);
-	ret = derive_keys(v, master, c->h.volume_id, v->header.key_check);
-	dvs_wipe(master, sizeof(master));
 	uint8_t salt[4];
 	if (!ret)
 		ret = dvs_random(salt, 4);
 	if (ret) {
+		v->st.superblock_damage = damage;
+		if (st)
+			fill_status(v, st);
 		dvs_wipe(sv, sizeof(sv));
 		dvs_shield_close(v, 1);
 		return ret;
 	}
 	memcpy(&v->salt, salt, 4);
-	/* continue above every reservation and every seal seen */
+	/* continue above every reservation seen, also one whose flush is discarded */
 	uint64_t limit = 0;
-	for (uint32_t s = 0; s < 2; s++) {
-		if (!(s ? good1 : good0))
-			continue;
-		if (sv[s].p.nonce_limit > limit)
+	for (uint32_t s = 0; s < 2; s++)
+		if (good[s] && sv[s].p.nonce_limit > limit)
 			limit = sv[s].p.nonce_limit;
-		if (sv[s].h.seal_counter + 1 > limit)
-			limit = sv[s].h.seal_counter + 1;
-	}
 	v->next_counter = v->nonce_limit = limit;
-	v->epoch = c->p.epoch;
-	v->root = v->committed_root = c->p.root;
-	v->size = v->committed_size = c->p.size;
-	v->st.superblock_slot = use;
+	v->flush_from = v->next_counter;
+	v->st.superblock_slot = (uint32_t)use;
 	v->st.superblock_damage = damage;
-	/* a damaged or older slot 1 is brought up to date by the next commit */
-	v->y_epoch = good1 && !memcmp(&sv[1].p.root, &c->p.root, sizeof(struct entry)) &&
-			     sv[1].p.epoch == c->p.epoch
-			     ? c->p.epoch
-			     : 0;
+	uint32_t other = (uint32_t)use ^ 1;
+	v->mirrored = good[other] && !(damage & (1u << other)) &&
+		      sv[other].p.epoch == sv[use].p.epoch &&
+		      !memcmp(&sv[other].p.root, &sv[use].p.root, sizeof(struct entry)) &&
+		      sv[other].p.size == sv[use].p.size;
+	int unsynced = (sv[use].p.flags & SB_UNSYNCED) != 0;
 	dvs_wipe(sv, sizeof(sv));
+	if (unsynced && !(cfg->flags & (DVS_VOL_READONLY | DVS_VOL_EPHEMERAL))) {
+		/* what the open found may sit in the page cache only (the writer was killed
+		 * before its sync): make it durable before a flush overwrites the older state */
+		v->n_sync = 0;
+		ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);
+		if (!ret)
+			ret = wait_sync(v);
+		if (!ret && v->sync_res[0] < 0)
+			ret = v->sync_res[0];
+		if (ret) {
+			dvs_shield_close(v, 1);
+			return ret;
+		}
+		v->st.syncs++;
+	}
 	v->ready = 1;
 	if (st)
 		fill_status(v, st);
@@ -1487,7 +1672,10 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 	return ret;
 }
 
-int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
+static int part_seal(struct dvs_shield_volume *v);
+static void part_forget(struct dvs_shield_volume *v);
+
+static int read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
 {
 	if (first > v->capacity || n > v->capacity - first)
 		return -EINVAL;
@@ -1509,15 +1697,24 @@ int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t
 	return (int)n;
 }
 
+int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
+{
+	int ret = part_seal(v);
+	return ret ? ret : read_blocks(v, first, n, out);
+}
+
 int dvs_shield_read_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
 			 uint8_t *out)
 {
+	int ret = part_seal(v);
+	if (ret)
+		return ret;
 	for (uint32_t i = 0; i < n; i++)
 		if (blocks[i] >= v->capacity)
 			return -EINVAL;
 	for (uint32_t done = 0; done < n;) {
 		uint32_t chunk = n - done < v->read_slots ? n - done : v->read_slots;
-		int ret = read_chunk(v, blocks + done, 0, chunk, out + (uint64_t)done * BLK);
+		ret = read_chunk(v, blocks + done, 0, chunk, out + (uint64_t)done * BLK);
 		if (ret) {
 			dvs_wipe(out, (uint64_t)n * BLK);
 			return ret;
@@ -1609,7 +1806,10 @@ int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, u
 		if (blocks[i] + 1 > end)
 			end = blocks[i] + 1;
 	}
-	int ret = 0;
+	int ret = part_seal(v);
+	for (uint32_t i = 0; i < n && v->part_valid; i++)
+		if (blocks[i] == v->part_block)
+			part_forget(v);
 	for (uint32_t done = 0; done < n && !ret;) {
 		uint32_t chunk = n - done < v->write_slots ? n - done : v->write_slots;
 		ret = write_chunk(v, blocks + done, 0, chunk, in + (uint64_t)done * BLK);
@@ -1632,7 +1832,11 @@ int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, u
 int dvs_shield_write_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n,
 			    const uint8_t *in, uint32_t flags)
 {
-	int ret = write_range(v, first, n, in, flags);
+	int ret = part_seal(v);
+	if (!ret && v->part_valid && v->part_block >= first && v->part_block - first < n)
+		part_forget(v);
+	if (!ret)
+		ret = write_range(v, first, n, in, flags);
 	if (ret)
 		return ret;
 	if ((first + n) * BLK > v->size) {
@@ -1642,7 +1846,50 @@ int dvs_shield_write_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_
 	return (int)n;
 }
 
-/* ---- byte-granular access (for the SQLite VFS) ---- */
+/* ---- byte-granular access (for the SQLite VFS) ----
+ * Bytes that do not cover a whole block go through one plaintext block kept in trusted
+ * memory (scratch): a partial write merges into it instead of decrypting, merging and
+ * sealing the block each time, and a partial read is served from it. SQLite's journal is
+ * written as records of 4 + page + 4 bytes, so nearly every journal write is partial, and
+ * every lock acquisition reads 16 bytes of the database header; with the block kept, an
+ * appended record costs one seal when its block is complete, and a header re-read costs
+ * nothing. The block is sealed (part_seal) before a flush, a truncation, and any
+ * block-level call, so those see it as written; its plaintext is wiped when it leaves. */
+
+static void part_forget(struct dvs_shield_volume *v)
+{
+	if (v->part_valid)
+		dvs_wipe(v->scratch, BLK);
+	v->part_valid = v->part_dirty = 0;
+}
+
+/* Seal the partial block if it holds unsealed bytes (it stays valid, now clean). */
+static int part_seal(struct dvs_shield_volume *v)
+{
+	if (!v->part_dirty)
+		return 0;
+	v->part_dirty = 0;
+	int ret = write_range(v, v->part_block, 1, v->scratch, 0);
+	if (ret)
+		part_forget(v);
+	return ret;
+}
+
+/* Make block b the partial block: the old one sealed, b's plaintext loaded. */
+static int part_load(struct dvs_shield_volume *v, uint64_t b)
+{
+	if (v->part_valid && v->part_block == b)
+		return 0;
+	int ret = part_seal(v);
+	part_forget(v);
+	if (!ret)
+		ret = read_blocks(v, b, 1, v->scratch);
+	if (ret < 0)
+		return ret;
+	v->part_block = b;
+	v->part_valid = 1;
+	return 0;
+}
 
 int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len, uint64_t off)
 {
@@ -1657,11 +1904,13 @@ int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len
 		uint32_t in_block = (uint32_t)(pos % BLK);
 		uint64_t left = len - done;
 		int ret;
-		if (in_block == 0 && left >= BLK) {
+		if (in_block == 0 && left >= BLK && !(v->part_valid && v->part_block == b)) {
 			uint64_t whole = left / BLK;
 			if (whole > 1024)
 				whole = 1024;
-			ret = dvs_shield_read_blocks(v, b, (uint32_t)whole, buf + done);
+			if (v->part_valid && v->part_block > b && v->part_block - b < whole)
+				whole = v->part_block - b; /* stop before it: it is served from memory */
+			ret = read_blocks(v, b, (uint32_t)whole, buf + done);
 			if (ret < 0) {
 				dvs_wipe(buf, len);
 				return ret;
@@ -1669,7 +1918,7 @@ int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len
 			done += whole * BLK;
 			continue;
 		}
-		ret = dvs_shield_read_blocks(v, b, 1, v->scratch);
+		ret = part_load(v, b);
 		if (ret < 0) {
 			dvs_wipe(buf, len);
 			return ret;
@@ -1678,7 +1927,6 @@ int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len
 		memcpy(buf + done, v->scratch + in_block, take);
 		done += take;
 	}
-	dvs_wipe(v->scratch, BLK);
 	return (int64_t)len;
 }
 
@@ -1687,6 +1935,8 @@ int64_t dvs_shield_pwrite(struct dvs_shield_volume *v, const uint8_t *buf, uint6
 {
 	if (v->flags & DVS_VOL_READONLY)
 		return -EROFS;
+	if (v->failed)
+		return v->failed;
 	if (!len)
 		return 0;
 	if (off > v->capacity * BLK || len > v->capacity * BLK - off)
@@ -1700,22 +1950,21 @@ int64_t dvs_shield_pwrite(struct dvs_shield_volume *v, const uint8_t *buf, uint6
 		int ret;
 		if (in_block == 0 && left >= BLK) {
 			uint64_t whole = left / BLK;
+			if (v->part_valid && v->part_block >= b && v->part_block - b < whole)
+				part_forget(v); /* overwritten whole: its bytes are superseded */
 			ret = write_range(v, b, whole, buf + done, 0);
 			if (ret)
 				return ret;
 			done += whole * BLK;
 			continue;
 		}
-		/* a partial block: read, modify, write */
-		ret = dvs_shield_read_blocks(v, b, 1, v->scratch);
+		/* a partial block: merge into the plaintext block, seal it later */
+		ret = part_load(v, b);
 		if (ret < 0)
 			return ret;
 		uint64_t take = BLK - in_block < left ? BLK - in_block : left;
 		memcpy(v->scratch + in_block, buf + done, take);
-		ret = write_range(v, b, 1, v->scratch, 0);
-		dvs_wipe(v->scratch, BLK);
-		if (ret)
-			return ret;
+		v->part_dirty = 1;
 		done += take;
 	}
 	if (off + len > v->size) {
@@ -1733,17 +1982,20 @@ int dvs_shield_truncate(struct dvs_shield_volume *v, uint64_t size)
 		return v->failed;
 	if (size > v->capacity * BLK)
 		return -EFBIG;
+	int ret = part_seal(v);
+	part_forget(v);
+	if (ret)
+		return ret;
 	if (size >= v->size) {
 		if (size > v->size)
 			v->tree_dirty = 1;
 		v->size = size; /* the blocks past the old size hold zero entries already */
 		return 0;
 	}
-	int ret = 0;
 	if (size % BLK) {
 		/* zero the tail of the new last block, so growing again shows zeros */
 		uint64_t b = size / BLK;
-		ret = dvs_shield_read_blocks(v, b, 1, v->scratch);
+		ret = read_blocks(v, b, 1, v->scratch);
 		if (ret >= 0) {
 			memset(v->scratch + size % BLK, 0, BLK - size % BLK);
 			ret = write_range(v, b, 1, v->scratch, 0);
@@ -1786,7 +2038,9 @@ int dvs_shield_flush(struct dvs_shield_volume *v)
 		return 0;
 	if (v->failed)
 		return v->failed;
-	int ret = 0;
+	int ret = part_seal(v);
+	if (ret)
+		return ret;
 	if (!v->tree_dirty && v->size == v->committed_size)
 		return 0;
 	uint64_t n_dirty = 0;
@@ -1824,18 +2078,23 @@ int dvs_shield_flush(struct dvs_shield_volume *v)
 			v->st.nodes_written++;
 		}
 	}
-	/* Every data and tree write must have succeeded before the superblock may name it.
-	 * Writes already in flight are waited for; a small flush then goes out as one linked
+	/* The superblock goes out with the flush's writes and one FDATASYNC after them; an
+	 * open after a crash authenticates those writes before trusting it. Past VERIFY_LIMIT
+	 * sealed blocks that check would make opens slow: such a flush pays a second
+	 * FDATASYNC (a barrier before the superblock) instead. Writes already in flight are
+	 * waited for (a failed one fails the flush); a small flush then goes out as one linked
 	 * chain with the commit (one wait), a large one in parallel first (two waits). */
+	int checkable = !(v->flags & DVS_VOL_EPHEMERAL) &&
+			v->next_counter - v->flush_from <= DVS_SHIELD_VERIFY_LIMIT;
 	if (!ret && v->n_winflight)
 		ret = wait_all(v);
 	if (!ret)
 		ret = v->failed;
-	/* the chain must fit the engine's queue in one go: runs + 4 superblock/sync members */
+	/* the chain must fit the engine's queue in one go: runs + 3 superblock/sync members */
 	uint32_t max_chain = v->cap_done / 2 > 8 + 4 ? v->cap_done / 2 - 4 : 4;
 	if (max_chain > MAX_CHAIN)
 		max_chain = MAX_CHAIN;
-	if (!ret && count_runs(v) > max_chain) {
+	if (!ret && (count_runs(v) > max_chain || !checkable)) {
 		ret = submit_dirty(v);
 		if (!ret)
 			ret = wait_all(v);
@@ -1845,9 +2104,11 @@ int dvs_shield_flush(struct dvs_shield_volume *v)
 	if (!ret)
 		ret = queue_dirty(v, 1);
 	if (!ret)
-		ret = commit_superblock(v, v->epoch + 1, &v->root, v->size, v->nonce_limit, 1);
+		ret = commit_superblock(v, v->epoch + 1, &v->root, v->size, v->nonce_limit,
+					checkable ? COMMIT_WITH_WRITES : COMMIT_AFTER_BARRIER);
 	if (ret)
 		goto fail;
+	v->flush_from = v->next_counter;
 	v->epoch++;
 	v->committed_root = v->root;
 	v->committed_size = v->size;
@@ -1878,6 +2139,9 @@ int64_t dvs_shield_verify(struct dvs_shield_volume *v, uint64_t first, uint64_t 
 		return -EINVAL;
 	if (n > v->capacity - first)
 		n = v->capacity - first;
+	int sealed = part_seal(v);
+	if (sealed)
+		return sealed;
 	uint8_t *buf = aligned_alloc(64, (uint64_t)v->read_slots * BLK);
 	if (!buf)
 		return -ENOMEM;
@@ -1932,7 +2196,7 @@ static int walk_live(struct dvs_shield_volume *v, uint32_t l, uint64_t j, const 
 
 int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint64_t max)
 {
-	if (v->tree_dirty || v->n_wdirty || v->n_winflight)
+	if (v->tree_dirty || v->n_wdirty || v->n_winflight || v->part_dirty)
 		return -EBUSY;
 	uint64_t n = 0;
 	emit(out, max, &n, 0);
@@ -1945,7 +2209,9 @@ int dvs_shield_locate(struct dvs_shield_volume *v, uint64_t block, uint64_t *phy
 {
 	if (block >= v->capacity)
 		return -EINVAL;
-	int ret = ensure_nodes(v, 0, block / FANOUT, block / FANOUT);
+	int ret = part_seal(v);
+	if (!ret)
+		ret = ensure_nodes(v, 0, block / FANOUT, block / FANOUT);
 	if (ret)
 		return ret;
 	const struct entry *e = data_entry(v, block, NULL);
@@ -1980,6 +2246,8 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 {
 	if (!v)
 		return 0;
+	if (discard == DVS_CLOSE_ENGINE_GONE)
+		v->eng = NULL;
 	int ret = 0;
 	if (!discard && !(v->flags & DVS_VOL_READONLY) && v->ready)
 		ret = dvs_shield_flush(v);
@@ -1987,21 +2255,25 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 		int w = wait_all(v);
 		if (!ret && !discard)
 			ret = w;
-		if (!discard && !ret && v->ready && v->y_epoch < v->epoch && !v->failed &&
+		if (!discard && !ret && v->ready && !v->mirrored && !v->failed &&
 		    !(v->flags & (DVS_VOL_EPHEMERAL | DVS_VOL_READONLY | DVS_VOL_FAST_CLOSE))) {
-			/* leave both superblock copies on the last state */
+			/* leave both superblock slots on the last state (durable: no check needed
+			 * at the next open, and one damaged slot still leaves the newest state) */
+			uint32_t other = v->sb_slot ^ 1;
 			v->n_sync = 0;
-			ret = seal_superblock(v, 1, v->epoch, &v->committed_root, v->committed_size,
-					      v->nonce_limit);
+			ret = seal_superblock(v, other, v->epoch, &v->committed_root,
+					      v->committed_size, v->nonce_limit, 0);
 			if (!ret)
-				ret = queue_sync(v, DVS_OP_WRITE, DVS_IO_LINK, sbuf(v, 1),
-						 BLK, BLK, NULL);
+				ret = queue_sync(v, DVS_OP_WRITE, DVS_IO_LINK, sbuf(v, other), BLK,
+						 (uint64_t)other * BLK, NULL);
 			if (!ret)
 				ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);
 			if (!ret)
 				ret = wait_sync(v);
 			if (!ret && (v->sync_res[0] != (int32_t)BLK || v->sync_res[1] < 0))
 				ret = v->sync_res[1] < 0 ? v->sync_res[1] : -EIO;
+			if (!ret)
+				v->st.syncs++;
 		}
 	}
 	uint64_t it = 0, key;

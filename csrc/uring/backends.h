@@ -28,7 +28,12 @@ int dvs_memdisk_stats(struct dvs_memdisk *m, struct dvs_io_stats *out);
 int dvs_memdisk_max_in_flight(struct dvs_memdisk *m);
 int dvs_memdisk_destroy(struct dvs_memdisk *m);
 int dvs_memdisk_set_fail_after(struct dvs_memdisk *m, int64_t ops);
+int dvs_memdisk_set_fail_at_sync(struct dvs_memdisk *m, int32_t on);
 int dvs_memdisk_power_loss(struct dvs_memdisk *m, uint32_t mode, uint64_t seed);
+int dvs_memdisk_power_loss_fates(struct dvs_memdisk *m, const uint8_t *fates, uint64_t n,
+				 uint64_t seed);
+int64_t dvs_memdisk_log_pages(struct dvs_memdisk *m, uint32_t *files, uint64_t *pages,
+			      uint64_t max);
 int dvs_memdisk_peek_page(struct dvs_memdisk *m, uint32_t file, uint64_t page, uint8_t *out);
 int dvs_memdisk_poke_page(struct dvs_memdisk *m, uint32_t file, uint64_t page,
 			  const uint8_t *in);

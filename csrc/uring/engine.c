@@ -200,6 +200,26 @@ int dvs_memdisk_fail_after(struct dvs_engine *e, int64_t ops)
 	return m ? dvs_memdisk_set_fail_after(m, ops) : -EOPNOTSUPP;
 }
 
+int dvs_memdisk_fail_at_sync(struct dvs_engine *e, int32_t on)
+{
+	struct dvs_memdisk *m = memdisk_of(e);
+	return m ? dvs_memdisk_set_fail_at_sync(m, on) : -EOPNOTSUPP;
+}
+
+int64_t dvs_memdisk_unflushed_pages(struct dvs_engine *e, uint32_t *files, uint64_t *pages,
+				    uint64_t max)
+{
+	struct dvs_memdisk *m = memdisk_of(e);
+	return m ? dvs_memdisk_log_pages(m, files, pages, max) : -EOPNOTSUPP;
+}
+
+int dvs_memdisk_crash_fates(struct dvs_engine *e, const uint8_t *fates, uint64_t n,
+			    uint64_t seed)
+{
+	struct dvs_memdisk *m = memdisk_of(e);
+	return m ? dvs_memdisk_power_loss_fates(m, fates, n, seed) : -EOPNOTSUPP;
+}
+
 int dvs_memdisk_crash(struct dvs_engine *e, uint32_t mode, uint64_t seed)
 {
 	struct dvs_memdisk *m = memdisk_of(e);

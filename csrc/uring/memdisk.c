@@ -7,7 +7,11 @@
  * power loss (dvs_memdisk_crash) may lose it, keep it, apply it out of order relative to
  * other unflushed writes, or tear it at 512-byte sector boundaries. A "writer death"
  * (dvs_memdisk_fail_after) makes every request after a chosen point fail without effect,
- * which is what a SIGKILL between two submissions looks like to the disk.
+ * which is what a SIGKILL between two submissions looks like to the disk; "death at the
+ * next sync" (dvs_memdisk_fail_at_sync) stops a flush right before its FDATASYNC, with all
+ * its writes unflushed. A chosen power loss (dvs_memdisk_crash_fates) then decides the fate
+ * of each unflushed write -- lost, kept or torn -- so a test can keep a flush's superblock
+ * and lose or tear any subset of its other writes.
  *
  * Requests execute synchronously at submit in order (so LINK and DRAIN hold trivially);
  * completions wait in a queue for reap. Pages are 4 KiB and sparse (absent = zeros); the
@@ -42,6 +46,7 @@ struct dvs_memdisk {
 	struct logent *log;
 	uint64_t n_log, cap_log;
 	int64_t fail_after; /* < 0: disarmed */
+	int fail_at_sync;   /* the next FSYNC/FDATASYNC kills the writer */
 	struct dvs_io_done *done;
 	uint32_t done_head, done_len;
 	struct dvs_io_stats stats;
@@ -222,7 +227,10 @@ int dvs_memdisk_submit(struct dvs_memdisk *m, const struct dvs_io *ios, uint32_t
 		int32_t res;
 		if (cancel) {
 			res = -ECANCELED;
-		} else if (m->fail_after == 0) {
+		} else if (m->fail_after == 0 ||
+			   (m->fail_at_sync &&
+			    (io->opcode == DVS_OP_FSYNC || io->opcode == DVS_OP_FDATASYNC))) {
+			m->fail_after = 0;
 			res = -EIO; /* the writer is dead: nothing reaches the disk any more */
 		} else {
 			if (m->fail_after > 0)
@@ -292,6 +300,22 @@ int dvs_memdisk_set_fail_after(struct dvs_memdisk *m, int64_t ops)
 	return 0;
 }
 
+int dvs_memdisk_set_fail_at_sync(struct dvs_memdisk *m, int32_t on)
+{
+	m->fail_at_sync = on != 0;
+	return 0;
+}
+
+int64_t dvs_memdisk_log_pages(struct dvs_memdisk *m, uint32_t *files, uint64_t *pages,
+			      uint64_t max)
+{
+	for (uint64_t i = 0; i < m->n_log && i < max; i++) {
+		files[i] = m->log[i].file;
+		pages[i] = m->log[i].page;
+	}
+	return (int64_t)m->n_log;
+}
+
 static int copy_map(struct u64map *dst, const struct u64map *src)
 {
 	uint64_t it = 0, key;
@@ -302,6 +326,39 @@ static int copy_map(struct u64map *dst, const struct u64map *src)
 			return ret;
 	}
 	return 0;
+}
+
+/* A page as a torn write leaves it: the sectors in `mask` new, the others as they were. */
+static int store_torn(struct u64map *durable, uint64_t page_no, const uint8_t *data,
+		      uint64_t mask)
+{
+	uint8_t page[PAGE];
+	const uint8_t *old = u64map_get(durable, page_no);
+	if (old)
+		memcpy(page, old, PAGE);
+	else
+		memset(page, 0, PAGE);
+	for (uint32_t s = 0; s < PAGE / SECTOR; s++)
+		if (mask & (1ULL << s))
+			memcpy(page + s * SECTOR, data + s * SECTOR, SECTOR);
+	return store_page(durable, page_no, page);
+}
+
+/* After the power loss: the unflushed log is gone, what is visible is what was durable. */
+static int reboot(struct dvs_memdisk *m)
+{
+	int ret = 0;
+	for (uint64_t i = 0; i < m->n_log; i++)
+		free(m->log[i].data);
+	m->n_log = 0;
+	for (uint32_t f = 0; f < m->n_files && !ret; f++) {
+		free_pages(&m->files[f].visible);
+		ret = copy_map(&m->files[f].visible, &m->files[f].durable);
+	}
+	m->fail_after = -1;
+	m->fail_at_sync = 0;
+	m->done_head = m->done_len = 0;
+	return ret;
 }
 
 int dvs_memdisk_power_loss(struct dvs_memdisk *m, uint32_t mode, uint64_t seed)
@@ -328,35 +385,50 @@ int dvs_memdisk_power_loss(struct dvs_memdisk *m, uint32_t mode, uint64_t seed)
 	for (uint64_t k = 0; k < kept && !ret; k++) {
 		struct logent *e = &m->log[order[k]];
 		struct u64map *durable = &m->files[e->file].durable;
-		if (mode == DVS_CRASH_TEAR && (rng_next(&state) & 3) == 0) {
-			/* a torn page: some sectors new, the others as they were */
-			uint8_t page[PAGE];
-			const uint8_t *old = u64map_get(durable, e->page);
-			if (old)
-				memcpy(page, old, PAGE);
-			else
-				memset(page, 0, PAGE);
-			uint64_t mask = rng_next(&state);
-			for (uint32_t s = 0; s < PAGE / SECTOR; s++)
-				if (mask & (1ULL << s))
-					memcpy(page + s * SECTOR, e->data + s * SECTOR, SECTOR);
-			ret = store_page(durable, e->page, page);
-		} else {
+		if (mode == DVS_CRASH_TEAR && (rng_next(&state) & 3) == 0)
+			ret = store_torn(durable, e->page, e->data, rng_next(&state));
+		else
 			ret = store_page(durable, e->page, e->data);
-		}
 	}
 	free(order);
-	for (uint64_t i = 0; i < m->n_log; i++)
-		free(m->log[i].data);
-	m->n_log = 0;
-	/* after the reboot, what is visible is what was durable */
-	for (uint32_t f = 0; f < m->n_files && !ret; f++) {
-		free_pages(&m->files[f].visible);
-		ret = copy_map(&m->files[f].visible, &m->files[f].durable);
-	}
-	m->fail_after = -1;
-	m->done_head = m->done_len = 0;
+	int rb = reboot(m);
+	if (!ret)
+		ret = rb;
 	return ret ? ret : (int)(kept > INT32_MAX ? INT32_MAX : kept);
+}
+
+int dvs_memdisk_power_loss_fates(struct dvs_memdisk *m, const uint8_t *fates, uint64_t n,
+				 uint64_t seed)
+{
+	if (n != m->n_log)
+		return -EINVAL;
+	for (uint64_t i = 0; i < n; i++)
+		if (fates[i] > DVS_FATE_TEAR)
+			return -EINVAL;
+	uint64_t state = seed;
+	int ret = 0, kept = 0;
+	const uint64_t all = (1u << (PAGE / SECTOR)) - 1;
+	for (uint64_t i = 0; i < n && !ret; i++) {
+		struct logent *e = &m->log[i];
+		struct u64map *durable = &m->files[e->file].durable;
+		if (fates[i] == DVS_FATE_KEEP) {
+			ret = store_page(durable, e->page, e->data);
+			kept++;
+		} else if (fates[i] == DVS_FATE_TEAR) {
+			/* at least one sector old and one new: really torn */
+			uint64_t mask = rng_next(&state) & all;
+			if (mask == 0)
+				mask = 1;
+			if (mask == all)
+				mask >>= 1;
+			ret = store_torn(durable, e->page, e->data, mask);
+			kept++;
+		}
+	}
+	int rb = reboot(m);
+	if (!ret)
+		ret = rb;
+	return ret ? ret : kept;
 }
 
 int dvs_memdisk_peek_page(struct dvs_memdisk *m, uint32_t file, uint64_t page, uint8_t *out)

@@ -200,9 +200,24 @@ int dvs_engine_destroy(struct dvs_engine *e);
 /* After `ops` more requests, every request fails with -EIO and changes nothing (the
  * writer "died" there); a negative value disarms. */
 int dvs_memdisk_fail_after(struct dvs_engine *e, int64_t ops);
+/* The writer dies at the next FSYNC/FDATASYNC: it and every later request fail with -EIO
+ * and change nothing (on != 0 arms, 0 disarms; a crash disarms). */
+int dvs_memdisk_fail_at_sync(struct dvs_engine *e, int32_t on);
 /* Power loss: keep a subset of unflushed writes according to mode and seed; afterwards the
  * disk holds only durable data and accepts requests again. Returns the pages kept. */
 int dvs_memdisk_crash(struct dvs_engine *e, uint32_t mode, uint64_t seed);
+/* The unflushed writes in issue order: (file, page) of each, up to max; returns how many. */
+int64_t dvs_memdisk_unflushed_pages(struct dvs_engine *e, uint32_t *files, uint64_t *pages,
+				    uint64_t max);
+/* Power loss with a chosen fate for each unflushed write (fates[i] for the i-th in issue
+ * order; n must be their number): lost, kept, or torn (some 512-byte sectors new, the
+ * others old -- at least one of each, picked from seed); applied in issue order. Returns
+ * the pages kept or torn. */
+#define DVS_FATE_DROP 0
+#define DVS_FATE_KEEP 1
+#define DVS_FATE_TEAR 2
+int dvs_memdisk_crash_fates(struct dvs_engine *e, const uint8_t *fates, uint64_t n,
+			    uint64_t seed);
 /* Raw page access for tamper tests: copy page `page` of `file` out of / into the disk
  * (into: both the visible and the durable copy). */
 int dvs_memdisk_peek(struct dvs_engine *e, uint32_t file, uint64_t page, uint8_t *out4k);

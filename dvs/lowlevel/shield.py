@@ -31,7 +31,10 @@ KDF_DERIVED: int = lib.DVS_KDF_DERIVED
 VOL_READONLY: int = lib.DVS_VOL_READONLY
 VOL_EPHEMERAL: int = lib.DVS_VOL_EPHEMERAL
 VOL_STRICT: int = lib.DVS_VOL_STRICT
+VOL_LAZY_FORMAT: int = lib.DVS_VOL_LAZY_FORMAT
+VERIFY_LIMIT: int = lib.DVS_SHIELD_VERIFY_LIMIT
 WRITE_SUBMIT: int = lib.DVS_WRITE_SUBMIT
+CLOSE_ENGINE_GONE: int = lib.DVS_CLOSE_ENGINE_GONE
 
 _FAIL_WHAT = {
     lib.DVS_FAIL_DATA: "data block",
@@ -131,7 +134,7 @@ class Header:
     volume_id: bytes
     capacity_blocks: int
     data_base: int
-    seal_counter: int
+    seal_nonce: bytes
 
 
 def parse_header(block: bytes) -> Header:
@@ -155,7 +158,7 @@ def parse_header(block: bytes) -> Header:
         volume_id=bytes(out.volume_id),
         capacity_blocks=out.capacity_blocks,
         data_base=out.data_base,
-        seal_counter=out.seal_counter,
+        seal_nonce=bytes(out.seal_nonce),
     )
 
 
@@ -185,6 +188,9 @@ class Status:
     reservations: int
     cached_nodes: int
     dirty_blocks: int
+    syncs: int
+    open_verified: int
+    torn_epoch: int
 
 
 def _status(c: Any) -> Status:
@@ -317,6 +323,8 @@ class VolumeHandle:
     def _live(self) -> Any:
         if self._h is None:
             raise ValueError("the volume is closed")
+        if self.engine.closed:
+            raise ValueError("the volume's engine is closed")
         return self._h
 
     def _fail(self, ret: int, what: str) -> None:
@@ -429,6 +437,12 @@ class VolumeHandle:
     def close(self, *, discard: bool = False) -> None:
         """Flush (unless ``discard``) and free the volume; the engine stays open."""
         if self._h is None:
+            return
+        if self.engine.closed:
+            # the engine went first (a failing test, a finaliser): free the memory only,
+            # the C volume must not touch the engine it pointed to
+            lib.dvs_shield_close(self._h, CLOSE_ENGINE_GONE)
+            self._h = None
             return
         st = self.status()
         ret = lib.dvs_shield_close(self._h, int(discard))

@@ -46,6 +46,9 @@ CRASH_DROP_ALL: int = lib.DVS_CRASH_DROP_ALL
 CRASH_KEEP_SOME: int = lib.DVS_CRASH_KEEP_SOME
 CRASH_REORDER: int = lib.DVS_CRASH_REORDER
 CRASH_TEAR: int = lib.DVS_CRASH_TEAR
+FATE_DROP: int = lib.DVS_FATE_DROP
+FATE_KEEP: int = lib.DVS_FATE_KEEP
+FATE_TEAR: int = lib.DVS_FATE_TEAR
 
 _KINDS: dict[str, int] = {
     "io_uring": lib.DVS_ENGINE_RING,
@@ -264,6 +267,10 @@ class Engine:
             raise ValueError("the engine is closed")
         return self._handle
 
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
     @staticmethod
     def _check_issuer(ret: int, what: str) -> int:
         if ret == -errno.EEXIST:
@@ -394,6 +401,34 @@ class Engine:
     def crash(self, mode: int, seed: int) -> int:
         """memdisk: power loss; returns how many unflushed pages survived."""
         return check(lib.dvs_memdisk_crash(self._live(), mode, seed), "memdisk crash")
+
+    def fail_at_sync(self, on: bool = True) -> None:
+        """memdisk: the writer dies at the next FSYNC/FDATASYNC (it and every later request
+        fail with EIO and change nothing), leaving a flush's writes all unflushed."""
+        check(lib.dvs_memdisk_fail_at_sync(self._live(), int(on)), "memdisk fail_at_sync")
+
+    def unflushed_pages(self) -> list[tuple[int, int]]:
+        """memdisk: (file, page) of each write not yet covered by a sync, in issue order."""
+        n = check(
+            lib.dvs_memdisk_unflushed_pages(self._live(), ffi.NULL, ffi.NULL, 0),
+            "memdisk unflushed pages",
+        )
+        files = ffi.new("uint32_t[]", max(n, 1))
+        pages = ffi.new("uint64_t[]", max(n, 1))
+        n = check(
+            lib.dvs_memdisk_unflushed_pages(self._live(), files, pages, n),
+            "memdisk unflushed pages",
+        )
+        return [(int(files[i]), int(pages[i])) for i in range(n)]
+
+    def crash_fates(self, fates: Sequence[int], seed: int = 0) -> int:
+        """memdisk: power loss deciding each unflushed write's fate (FATE_DROP, FATE_KEEP,
+        FATE_TEAR; one per write of ``unflushed_pages()``, in that order)."""
+        c_fates = ffi.new("uint8_t[]", list(fates) or [0])
+        return check(
+            lib.dvs_memdisk_crash_fates(self._live(), c_fates, len(fates), seed),
+            "memdisk crash with fates",
+        )
 
     def peek(self, file: int, page: int) -> bytes:
         out = ffi.new("uint8_t[4096]")

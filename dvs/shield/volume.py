@@ -38,6 +38,7 @@ from typing import Any
 from dvs.lowlevel.shield import (
     BLOCK,
     VOL_EPHEMERAL,
+    VOL_LAZY_FORMAT,
     VOL_READONLY,
     VOL_STRICT,
     Anchor,
@@ -303,8 +304,11 @@ class Volume:
         read_slots: int = 32,
         write_slots: int = 64,
         ephemeral: bool = False,
+        lazy: bool = False,
     ) -> Volume:
-        """Format file ``file`` of an engine you hold (the engine stays yours)."""
+        """Format file ``file`` of an engine you hold (the engine stays yours). ``lazy``:
+        no sync at format (the first flush makes the volume durable; a crash before leaves
+        no volume, as for SQLite journals)."""
         arena = arena or Buffer(VolumeHandle.arena_bytes(read_slots, write_slots))
         handle, status = VolumeHandle.format(
             engine,
@@ -314,7 +318,7 @@ class Volume:
             arena_buf=0 if arena_registered else NO_BUF,
             read_slots=read_slots,
             write_slots=write_slots,
-            flags=VOL_EPHEMERAL if ephemeral else 0,
+            flags=(VOL_EPHEMERAL if ephemeral else 0) | (VOL_LAZY_FORMAT if lazy else 0),
             file=file,
         )
         return cls(handle, status, engine=engine, arena=arena, own_engine=False)
