@@ -14,12 +14,29 @@
 
 #include "shield/crypto.h"
 
+/* Algorithms fetched from the provider once: an implicit fetch (EVP_aes_256_gcm() in an
+ * init, EVP_KDF_fetch) takes the provider's locks and lookups every time, which a volume
+ * per SQLite journal (one per transaction) would pay on each open. */
+static EVP_CIPHER *gcm_cipher, *siv_cipher;
+static EVP_KDF *hkdf_kdf;
+static pthread_once_t fetch_once = PTHREAD_ONCE_INIT;
+
+static void fetch_algorithms(void)
+{
+	gcm_cipher = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+	siv_cipher = EVP_CIPHER_fetch(NULL, "AES-256-SIV", NULL);
+	hkdf_kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
+}
+
 int dvs_gcm_init(struct dvs_gcm *g, const uint8_t key[32])
 {
+	pthread_once(&fetch_once, fetch_algorithms);
+	if (!gcm_cipher)
+		return -EOPNOTSUPP;
 	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
 	if (!ctx)
 		return -ENOMEM;
-	if (EVP_CipherInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL, 1) != 1 ||
+	if (EVP_CipherInit_ex(ctx, gcm_cipher, NULL, NULL, NULL, 1) != 1 ||
 	    EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, 12, NULL) != 1 ||
 	    EVP_CipherInit_ex(ctx, NULL, NULL, key, NULL, 1) != 1) {
 		EVP_CIPHER_CTX_free(ctx);
@@ -70,19 +87,10 @@ int dvs_gcm_open(struct dvs_gcm *g, const uint8_t nonce[12], const uint8_t *aad,
 	return 0;
 }
 
-/* The SIV cipher, fetched from the provider once (a fetch takes the provider's locks). */
-static EVP_CIPHER *siv_cipher;
-static pthread_once_t siv_once = PTHREAD_ONCE_INIT;
-
-static void fetch_siv(void)
-{
-	siv_cipher = EVP_CIPHER_fetch(NULL, "AES-256-SIV", NULL);
-}
-
 static int siv(int enc, const uint8_t key[64], const uint8_t *aad, size_t aad_len,
 	       const uint8_t *in, uint8_t *out, size_t len, uint8_t tag[16])
 {
-	pthread_once(&siv_once, fetch_siv);
+	pthread_once(&fetch_once, fetch_algorithms);
 	if (!siv_cipher)
 		return -EOPNOTSUPP;
 	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
@@ -138,11 +146,10 @@ int dvs_scrypt(const uint8_t *pass, size_t pass_len, const uint8_t *salt, size_t
 int dvs_hkdf(const uint8_t *ikm, size_t ikm_len, const uint8_t *salt, size_t salt_len,
 	     const char *info, uint8_t *out, size_t out_len)
 {
-	EVP_KDF *kdf = EVP_KDF_fetch(NULL, "HKDF", NULL);
-	if (!kdf)
+	pthread_once(&fetch_once, fetch_algorithms);
+	if (!hkdf_kdf)
 		return -EOPNOTSUPP;
-	EVP_KDF_CTX *kctx = EVP_KDF_CTX_new(kdf);
-	EVP_KDF_free(kdf);
+	EVP_KDF_CTX *kctx = EVP_KDF_CTX_new(hkdf_kdf);
 	if (!kctx)
 		return -ENOMEM;
 	OSSL_PARAM params[] = {

@@ -953,20 +953,16 @@ static struct dvs_shield_volume *alloc_volume(struct dvs_engine *e,
 static int derive_keys(struct dvs_shield_volume *v, const uint8_t master[32],
 		       const uint8_t volume_id[16], uint8_t key_check[16])
 {
-	uint8_t data_key[32], check[32];
-	int ret = dvs_hkdf(master, 32, volume_id, 16, "dvs-shield v1 block key", data_key, 32);
-	if (!ret)
-		ret = dvs_hkdf(master, 32, volume_id, 16, "dvs-shield v1 key check", check, 32);
-	if (!ret)
-		ret = dvs_hkdf(master, 32, volume_id, 16, "dvs-shield v2 superblock key", v->sb_key,
-			       sizeof(v->sb_key));
+	/* one HKDF expansion: block key | key check | superblock (SIV) key */
+	uint8_t keys[32 + 32 + 64];
+	int ret = dvs_hkdf(master, 32, volume_id, 16, "dvs-shield v2 keys", keys, sizeof(keys));
 	if (!ret) {
-		memcpy(key_check, check, 16);
+		memcpy(key_check, keys + 32, 16);
+		memcpy(v->sb_key, keys + 64, 64);
 		dvs_gcm_free(&v->gcm);
-		ret = dvs_gcm_init(&v->gcm, data_key);
+		ret = dvs_gcm_init(&v->gcm, keys);
 	}
-	dvs_wipe(data_key, sizeof(data_key));
-	dvs_wipe(check, sizeof(check));
+	dvs_wipe(keys, sizeof(keys));
 	return ret;
 }
 
