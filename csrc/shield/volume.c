@@ -394,6 +394,8 @@ static void complete_wrun(struct dvs_shield_volume *v, uint64_t payload, int32_t
 		v->st.blocks_written += (uint64_t)res / BLK;
 }
 
+static void dispatch(struct dvs_shield_volume *v, int n);
+
 /* Reap completions (waiting for min_wait) and account for them. */
 static int pump(struct dvs_shield_volume *v, uint32_t min_wait)
 {
@@ -411,6 +413,13 @@ static int pump(struct dvs_shield_volume *v, uint32_t min_wait)
 			v->failed = -EIO;
 		return -EIO;
 	}
+	dispatch(v, n);
+	return n;
+}
+
+/* Account for n completions in v->done. */
+static void dispatch(struct dvs_shield_volume *v, int n)
+{
 	for (int i = 0; i < n; i++) {
 		uint64_t ud = v->done[i].user_data;
 		int32_t res = v->done[i].res;
@@ -430,7 +439,15 @@ static int pump(struct dvs_shield_volume *v, uint32_t min_wait)
 			}
 		}
 	}
-	return n;
+}
+
+/* Account for ios[first, first+n) accepted by the engine. */
+static void accepted_ios(struct dvs_shield_volume *v, uint32_t first, uint32_t n)
+{
+	for (uint32_t i = first; i < first + n; i++)
+		if ((v->ios[i].user_data >> 56) == UD_SYNC)
+			v->sync_pending++;
+	v->outstanding += n;
 }
 
 /* Hand every queued request to the engine, reaping when its queue is full. */
@@ -443,10 +460,7 @@ static int submit_queued(struct dvs_shield_volume *v)
 			v->n_ios = 0;
 			return ret;
 		}
-		for (uint32_t i = sent; i < sent + (uint32_t)ret; i++)
-			if ((v->ios[i].user_data >> 56) == UD_SYNC)
-				v->sync_pending++;
-		v->outstanding += (uint32_t)ret;
+		accepted_ios(v, sent, (uint32_t)ret);
 		sent += (uint32_t)ret;
 		if (sent < v->n_ios) {
 			ret = pump(v, 1);
@@ -460,11 +474,43 @@ static int submit_queued(struct dvs_shield_volume *v)
 	return 0;
 }
 
+/* Hand the queued requests over and wait for `want` completions in the same engine
+ * crossing (one io_uring_enter carries the submission and the wait); what the queue did
+ * not take goes through submit_queued. */
+static int submit_and_wait(struct dvs_shield_volume *v, uint32_t want)
+{
+	if (!v->n_ios)
+		return 0;
+	uint32_t taken = 0;
+	if (want > v->outstanding + v->n_ios)
+		want = v->outstanding + v->n_ios;
+	int n = dvs_engine_submit_and_reap(v->eng, v->ios, v->n_ios, &taken, v->done, v->cap_done,
+					   want);
+	accepted_ios(v, 0, taken);
+	if (taken < v->n_ios)
+		memmove(v->ios, v->ios + taken, (v->n_ios - taken) * sizeof(*v->ios));
+	v->n_ios -= taken;
+	if (n < 0) {
+		v->n_ios = 0;
+		return n;
+	}
+	dispatch(v, n);
+	return submit_queued(v);
+}
+
+static uint32_t queued_syncs(const struct dvs_shield_volume *v)
+{
+	uint32_t k = 0;
+	for (uint32_t i = 0; i < v->n_ios; i++)
+		k += (v->ios[i].user_data >> 56) == UD_SYNC;
+	return k;
+}
+
 /* Wait for every synchronous request; one sleep for all of them where possible (each
  * wake-up is a context switch, and a chain completes member by member). */
 static int wait_sync(struct dvs_shield_volume *v)
 {
-	int ret = submit_queued(v);
+	int ret = submit_and_wait(v, v->sync_pending + queued_syncs(v));
 	while (!ret && v->sync_pending) {
 		int n = pump(v, v->sync_pending);
 		if (n < 0)
@@ -475,7 +521,7 @@ static int wait_sync(struct dvs_shield_volume *v)
 
 static int wait_all(struct dvs_shield_volume *v)
 {
-	int ret = submit_queued(v);
+	int ret = submit_and_wait(v, v->outstanding + v->n_ios);
 	while (!ret && v->outstanding) {
 		int n = pump(v, v->outstanding);
 		if (n < 0)
@@ -861,6 +907,10 @@ static int commit_superblock(struct dvs_shield_volume *v, uint64_t epoch,
 				 (uint64_t)slot * BLK, NULL);
 	if (!ret && durable)
 		ret = queue_sync(v, DVS_OP_FDATASYNC, 0, NULL, 0, 0, NULL);
+	/* a chain completes in order, its sync last: wait for all of it in the crossing
+	 * that submits it */
+	if (!ret)
+		ret = submit_and_wait(v, v->outstanding + v->n_ios);
 	if (!ret)
 		ret = wait_sync(v);
 	if (ret)
@@ -1565,7 +1615,7 @@ static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t 
 
 static int plan_wait(struct dvs_shield_volume *v, struct read_plan *p)
 {
-	int ret = submit_queued(v);
+	int ret = submit_and_wait(v, p->pending);
 	while (!ret && p->pending) {
 		int n = pump(v, p->pending);
 		if (n < 0)

@@ -99,6 +99,13 @@ int dvs_ring_create(const struct dvs_ring_params *p, struct dvs_ring **out)
 			up.flags |= IORING_SETUP_SQ_AFF;
 			up.sq_thread_cpu = (uint32_t)p->sq_cpu;
 		}
+	} else if (p->flags & DVS_RING_DEFER_TASKRUN) {
+		/* completion work only inside our own GETEVENTS enters; single issuer only */
+		if (!(p->flags & DVS_RING_SINGLE_ISSUER)) {
+			free(r);
+			return -EINVAL;
+		}
+		up.flags |= IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
 	} else if (p->flags & DVS_RING_COOP_TASKRUN) {
 		/* the kernel rejects COOP_TASKRUN with SQPOLL: no IPIs to avoid there */
 		up.flags |= IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
@@ -521,15 +528,22 @@ int dvs_ring_reap(struct dvs_ring *r, struct dvs_io_done *out, uint32_t max,
 		uint32_t want = min_wait > n ? min_wait - n : 0;
 		if (want > in_flight)
 			want = in_flight; /* never wait for completions that cannot come */
+		/* completions waiting as task work: worth an enter of their own only when there
+		 * is nothing to hand back yet (or the caller asked for the old, eager policy) */
 		unsigned kflags = IO_URING_READ_ONCE(*r->ring.sq.kflags);
-		int taskrun = (kflags & IORING_SQ_TASKRUN) && !cq_ready(r);
+		int taskrun = (kflags & IORING_SQ_TASKRUN) && !cq_ready(r) &&
+			      (n == 0 || (r->flags & DVS_RING_EAGER_TASKRUN));
 		int unsent = r->sq_tail != *r->ring.sq.ktail || r->n_requeue ||
 			     (!(r->setup_flags & IORING_SETUP_SQPOLL) && sq_pending(r));
 		if (n == max || (!want && !taskrun && !unsent))
 			break;
 		if (want && cq_ready(r))
 			continue; /* more arrived meanwhile: no need to sleep */
-		int ret = publish(r, want, want || taskrun ? IORING_ENTER_GETEVENTS : 0);
+		/* an enter we make anyway (to submit) also runs pending completion work */
+		int getevents = want || taskrun ||
+				(r->setup_flags &
+				 (IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN));
+		int ret = publish(r, want, getevents ? IORING_ENTER_GETEVENTS : 0);
 		if (ret < 0 && ret != -ETIME)
 			return n ? (int)n : ret;
 		if (!want && !cq_ready(r))

@@ -13,7 +13,13 @@
  * - SINGLE_ISSUER (6.0): only the task (thread) that enabled the ring may submit; another
  *   thread gets -EEXIST. COOP_TASKRUN + TASKRUN_FLAG (5.19): completions that need task
  *   work do not interrupt the submitter; the kernel raises IORING_SQ_TASKRUN in the SQ
- *   flags and the next io_uring_enter(GETEVENTS) runs them. SQPOLL: a kernel thread
+ *   flags and the next io_uring_enter(GETEVENTS) runs them. DEFER_TASKRUN (6.1, with
+ *   SINGLE_ISSUER): completion work waits for the submitter's io_uring_enter(GETEVENTS)
+ *   alone, and a waiter for N completions is woken once N are pending, not at the first.
+ *   Reaping never enters the kernel only to run pending task work once it has something
+ *   to hand back: the next enter (which a submission needs anyway) carries GETEVENTS and
+ *   runs it. Without COOP/DEFER the kernel runs that work by interrupting the task (an
+ *   IPI and a kernel entry that no syscall counter sees; under SGX, an asynchronous exit). SQPOLL: a kernel thread
  *   consumes the SQ; the submitter enters only to wake it (IORING_SQ_NEED_WAKEUP) or to
  *   sleep on completions. COOP_TASKRUN is invalid together with SQPOLL.
  * - IORING_FEAT_NODROP: with at most cq_entries requests in flight the CQ never
@@ -92,6 +98,10 @@ struct dvs_io_stats {
 #define DVS_RING_COOP_TASKRUN 4     /* IORING_SETUP_COOP_TASKRUN | TASKRUN_FLAG */
 #define DVS_RING_NO_RESTRICTIONS 8  /* skip IORING_REGISTER_RESTRICTIONS (for comparisons) */
 #define DVS_RING_ALLOW_FILE_UPDATE 16 /* allow dvs_ring_update_files after enabling */
+#define DVS_RING_DEFER_TASKRUN 32   /* IORING_SETUP_DEFER_TASKRUN | TASKRUN_FLAG (needs
+				     * SINGLE_ISSUER; replaces COOP_TASKRUN) */
+#define DVS_RING_EAGER_TASKRUN 64   /* reap: enter to run pending task work even when the
+				     * caller's minimum is met (the old policy; comparisons) */
 #define DVS_RING_DEFAULT_FLAGS 6    /* SINGLE_ISSUER | COOP_TASKRUN */
 
 struct dvs_ring_params {

@@ -207,6 +207,8 @@ class Engine:
         sq_cpu: int = -1,
         single_issuer: bool = True,
         coop_taskrun: bool = True,
+        defer_taskrun: bool = False,
+        eager_taskrun: bool = False,
         restrictions: bool = True,
         allow_file_update: bool = False,
         threads: int = 2,
@@ -222,6 +224,10 @@ class Engine:
             flags |= lib.DVS_RING_SINGLE_ISSUER
         if coop_taskrun:
             flags |= lib.DVS_RING_COOP_TASKRUN
+        if defer_taskrun:
+            flags |= lib.DVS_RING_DEFER_TASKRUN
+        if eager_taskrun:
+            flags |= lib.DVS_RING_EAGER_TASKRUN
         if not restrictions:
             flags |= lib.DVS_RING_NO_RESTRICTIONS
         if allow_file_update:

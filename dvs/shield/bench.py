@@ -85,8 +85,11 @@ def ring_random(
     block: int = BLOCK,
     seed: int = 3,
     label: str = "",
+    reap_wait: int = 1,
 ) -> Run:
-    """Random ``block``-sized transfers kept at queue depth ``qd`` on the raw engine."""
+    """Random ``block``-sized transfers kept at queue depth ``qd`` on the raw engine; each
+    crossing submits the refill and waits for ``reap_wait`` completions (at most what is in
+    flight), in one io_uring_enter."""
     rng = np.random.default_rng(seed)
     ios = IoArray(ops)
     a = ios.np
@@ -98,7 +101,7 @@ def ring_random(
     slots = buf.size // block
     a["addr"] = buf.addr + (np.arange(ops, dtype=np.uint64) % min(qd, slots)) * block
     a["user_data"] = np.arange(ops, dtype=np.uint64)
-    return _drive(engine, ios, ops, qd, block, label, sync=write)
+    return _drive(engine, ios, ops, qd, block, label, sync=write, reap_wait=reap_wait)
 
 
 def ring_sequential(
@@ -127,7 +130,15 @@ def ring_sequential(
 
 
 def _drive(
-    engine: Engine, ios: IoArray, ops: int, qd: int, block: int, label: str, *, sync: bool
+    engine: Engine,
+    ios: IoArray,
+    ops: int,
+    qd: int,
+    block: int,
+    label: str,
+    *,
+    sync: bool,
+    reap_wait: int = 1,
 ) -> Run:
     """Keep ``qd`` requests in flight until all ``ops`` completed; writes end with an
     fdatasync inside the timing (durable, like the sealed volume's flush)."""
@@ -141,7 +152,7 @@ def _drive(
         k = qd - (sent - got)
         if k > ops - sent:
             k = ops - sent
-        accepted, n = submit_and_reap(ios, sent, k, done, 1)
+        accepted, n = submit_and_reap(ios, sent, k, done, reap_wait)
         sent += accepted
         got += n
     if sync:
