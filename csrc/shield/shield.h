@@ -91,6 +91,7 @@ struct dvs_shield_anchor {
 #define DVS_VOL_STRICT 4    /* a damaged superblock slot is an error even if the other is good */
 #define DVS_VOL_LAZY_FORMAT 8 /* format without syncing (durable at the first flush) */
 #define DVS_VOL_FAST_CLOSE 16 /* close without copying the last state into the other slot */
+#define DVS_VOL_DIRECT 32     /* the file is O_DIRECT: reads need no worker for a copy */
 
 struct dvs_shield_config {
 	uint64_t capacity_blocks; /* format only */

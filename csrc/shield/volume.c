@@ -14,7 +14,7 @@
  * WRITE_FIXED): [superblock slot 0][slot 1][read staging x read_slots][write slots x
  * write_slots]. Ciphertext is written by sealing straight into a write slot and read by
  * opening straight out of a staging slot: one pass of AES-GCM is the only copy.
- * Reads of more than half the staging area run as a two-stage pipeline (read_pipelined).
+ * Reads of more than a quarter of the staging area run as a four-stage pipeline (read_pipelined).
  * Write slots are the write-back queue: a block waits there (DIRTY) until enough gathered,
  * a flush, or DVS_WRITE_SUBMIT; then it is written (INFLIGHT) and its slot freed when the
  * write completes. A read of a block that sits in a write slot opens it from there.
@@ -38,6 +38,7 @@
 #define SB_UNSYNCED 1ULL          /* payload flag: written with its flush, before the sync */
 #define MAX_RUN 64                /* blocks per coalesced request */
 #define MAX_CHAIN 32              /* write runs a flush links into its commit chain */
+#define N_PLANS 4                 /* stages of a pipelined read (a power of two) */
 #define SLOT_NONE 2
 #define META_BLOCK UINT64_MAX
 #define MAGIC "DVSSHLD1"
@@ -119,8 +120,8 @@ struct nodelist {
 };
 
 /* A planned read of up to `cap` blocks into staging slots [base, base+cap): which blocks
- * went to which slot and how each disk request fared. Two plans let a sequential read
- * decrypt one chunk while the next chunk's transfer runs. */
+ * went to which slot and how each disk request fared. N_PLANS plans let a sequential read
+ * decrypt one chunk while the next chunks' transfers run. */
 struct read_plan {
 	uint32_t base, cap;
 	uint32_t staged;   /* blocks staged for disk reads */
@@ -201,7 +202,7 @@ struct dvs_shield_volume {
 	int32_t *sync_res;
 	uint32_t n_sync, cap_sync, sync_pending;
 	uint32_t outstanding;
-	struct read_plan *plans; /* two, see read_pipelined */
+	struct read_plan *plans; /* N_PLANS, see read_pipelined */
 	int failed;          /* sticky: a write or sync failed; the volume must be reopened */
 	int ready;           /* formatted or opened: close flushes */
 	uint8_t *scratch;    /* one block of plaintext: the partial block (see byte access) */
@@ -431,7 +432,7 @@ static void dispatch(struct dvs_shield_volume *v, int n)
 		} else if (type == UD_WRUN) {
 			complete_wrun(v, payload, res);
 		} else if (type == UD_PLAN) {
-			struct read_plan *p = &v->plans[(payload >> 24) & 1];
+			struct read_plan *p = &v->plans[(payload >> 24) & (N_PLANS - 1)];
 			uint32_t k = (uint32_t)(payload & 0xffffff);
 			if (k < p->n_req && p->res[k] == -EINPROGRESS) {
 				p->res[k] = res;
@@ -985,11 +986,13 @@ static struct dvs_shield_volume *alloc_volume(struct dvs_engine *e,
 	v->wblock = calloc(v->write_slots, sizeof(uint64_t));
 	v->wphys = calloc(v->write_slots, sizeof(uint64_t));
 	v->scratch = aligned_alloc(64, BLK);
-	v->plans = calloc(2, sizeof(*v->plans));
-	if (v->plans && (plan_init(&v->plans[0], 0, v->read_slots) ||
-			 plan_init(&v->plans[1], 0, v->read_slots))) {
-		plan_free(&v->plans[0]);
-		plan_free(&v->plans[1]);
+	v->plans = calloc(N_PLANS, sizeof(*v->plans));
+	int plans_ok = v->plans != NULL;
+	for (uint32_t i = 0; plans_ok && i < N_PLANS; i++)
+		plans_ok = !plan_init(&v->plans[i], 0, v->read_slots);
+	if (v->plans && !plans_ok) {
+		for (uint32_t i = 0; i < N_PLANS; i++)
+			plan_free(&v->plans[i]);
 		free(v->plans);
 		v->plans = NULL;
 	}
@@ -1668,52 +1671,52 @@ static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_
 	return ret;
 }
 
-/* A long sequential read as a pipeline over two halves of the staging area: chunk k+1's
- * transfer is handed to a kernel worker (IOSQE_ASYNC) before chunk k is decrypted, so the
- * page-cache copy and AES-GCM run on two CPUs. */
+/* A long sequential read as a pipeline over N_PLANS stages of the staging area: while
+ * one stage's blocks are decrypted, the transfers of the others are in flight, and a
+ * stage is refilled with the next chunk as soon as it is decrypted. On a buffered file the
+ * transfers go to a kernel worker (IOSQE_ASYNC), so the page-cache copy runs on another
+ * CPU than AES-GCM; on an O_DIRECT file the device does the transfer and needs no worker. */
 static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
 {
-	uint32_t half = v->read_slots / 2;
-	struct read_plan *cur = &v->plans[0], *next = &v->plans[1];
-	cur->base = 0;
-	next->base = half;
-	uint32_t chunk = n < half ? n : half;
+	uint32_t size = v->read_slots / N_PLANS;
+	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
 	/* tree nodes load through the staging area too: load them all before the pipeline
-	 * starts, so no node read lands in a half that holds data in flight */
+	 * starts, so no node read lands in a stage that holds data in flight */
 	int ret = ensure_leaves(v, NULL, first, n);
-	if (!ret)
-		ret = plan_read(v, cur, 0, NULL, first, chunk, out, DVS_IO_ASYNC);
-	uint32_t done = chunk;
+	uint32_t issued = 0, live = 0, head = 0;
+	for (uint32_t s = 0; s < N_PLANS && issued < n && !ret; s++) {
+		uint32_t c = n - issued < size ? n - issued : size;
+		v->plans[s].base = s * size;
+		ret = plan_read(v, &v->plans[s], s, NULL, first + issued, c,
+				out + (uint64_t)issued * BLK, flags);
+		issued += c;
+		live++;
+	}
 	if (!ret)
 		ret = submit_queued(v);
-	while (!ret) {
-		uint32_t id = cur == &v->plans[0] ? 1 : 0;
-		if (done < n) {
-			uint32_t c = n - done < half ? n - done : half;
-			ret = plan_read(v, next, id, NULL, first + done, c, out + (uint64_t)done * BLK,
-					DVS_IO_ASYNC);
+	while (!ret && live) {
+		struct read_plan *p = &v->plans[head];
+		ret = plan_wait(v, p);
+		if (!ret)
+			ret = plan_finish(v, p);
+		live--;
+		if (!ret && issued < n) {
+			uint32_t c = n - issued < size ? n - issued : size;
+			ret = plan_read(v, p, head, NULL, first + issued, c,
+					out + (uint64_t)issued * BLK, flags);
+			issued += c;
+			live++;
 			if (!ret)
 				ret = submit_queued(v);
-			done += c;
-		} else {
-			next->n = 0;
 		}
-		if (!ret)
-			ret = plan_wait(v, cur);
-		if (!ret)
-			ret = plan_finish(v, cur);
-		if (ret || !next->n)
-			break;
-		struct read_plan *t = cur;
-		cur = next;
-		next = t;
+		head = (head + 1) % N_PLANS;
 	}
 	if (ret) {
-		/* let the other half's transfers land before the staging area is reused */
-		while (v->plans[0].pending || v->plans[1].pending) {
-			if (pump(v, 1) < 0)
-				break;
-		}
+		/* let the other stages' transfers land before the staging area is reused */
+		for (uint32_t s = 0; s < N_PLANS; s++)
+			while (v->plans[s].pending)
+				if (pump(v, 1) < 0)
+					return ret;
 	}
 	return ret;
 }
@@ -1726,7 +1729,7 @@ static int read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n, 
 	if (first > v->capacity || n > v->capacity - first)
 		return -EINVAL;
 	int ret = 0;
-	if (n > v->read_slots / 2 && v->read_slots >= 8) {
+	if (n > v->read_slots / N_PLANS && v->read_slots >= 4 * N_PLANS) {
 		ret = read_pipelined(v, first, n, out);
 	} else {
 		for (uint32_t done = 0; done < n && !ret;) {
@@ -2337,8 +2340,8 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 	free(v->done);
 	free(v->sync_res);
 	if (v->plans) {
-		plan_free(&v->plans[0]);
-		plan_free(&v->plans[1]);
+		for (uint32_t i = 0; i < N_PLANS; i++)
+			plan_free(&v->plans[i]);
 		free(v->plans);
 	}
 	free(v->wstate);

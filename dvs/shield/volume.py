@@ -37,6 +37,7 @@ from typing import Any
 
 from dvs.lowlevel.shield import (
     BLOCK,
+    VOL_DIRECT,
     VOL_EPHEMERAL,
     VOL_LAZY_FORMAT,
     VOL_READONLY,
@@ -247,7 +248,11 @@ class Volume:
             anchor_path = Path(anchor_file) if anchor_file is not None else None
             if anchor is None and anchor_path is not None and not create_blocks:
                 anchor = read_anchor_file(anchor_path)
-            vflags = (VOL_READONLY if readonly else 0) | (VOL_STRICT if strict else 0)
+            vflags = (
+                (VOL_READONLY if readonly else 0)
+                | (VOL_STRICT if strict else 0)
+                | (VOL_DIRECT if direct else 0)
+            )
             if create_blocks:
                 handle, status = VolumeHandle.format(
                     engine,
