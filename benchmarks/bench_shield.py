@@ -56,8 +56,10 @@ class Row:
     ops_per_s: list[float] = field(default_factory=list)
     mb_per_s: list[float] = field(default_factory=list)
     syscalls_per_op: float = float("nan")
-    # sealed sequential rows: `openssl speed` run right before each repetition (bytes/s)
+    # sealed sequential rows: `openssl speed` run right before each repetition (bytes/s),
+    # per user-CPU-second and (-elapsed) per wall-clock second
     gcm_paired: list[float] = field(default_factory=list)
+    gcm_elapsed: list[float] = field(default_factory=list)
     mb_per_cpu_s: list[float] = field(default_factory=list)
 
     @property
@@ -232,8 +234,11 @@ def run_io(args: argparse.Namespace, bins: dict[str, Path], tmp: Path) -> list[R
                         row.syscalls_per_op = run.syscalls_per_op
                     else:
                         if bs != BLOCK:
-                            # the GCM ceiling of this very moment, for a paired ratio
+                            # the GCM ceiling of this very moment, for paired ratios
                             row.gcm_paired.append(kb.openssl_gcm_bytes_per_s(1) or float("nan"))
+                            row.gcm_elapsed.append(
+                                kb.openssl_gcm_bytes_per_s(1, elapsed=True) or float("nan")
+                            )
                         with Volume.open(
                             vol_path, key=KEY, direct=direct, read_slots=256, write_slots=1024
                         ) as vol:
@@ -296,6 +301,66 @@ def counter_check(tmp: Path) -> tuple[int, int]:
     return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
 
 
+RING_VARIANTS: list[tuple[str, dict[str, bool]]] = [
+    ("COOP_TASKRUN, lazy reap (default)", {}),
+    ("COOP_TASKRUN, eager reap (before)", {"eager_taskrun": True}),
+    ("no COOP_TASKRUN", {"coop_taskrun": False}),
+    ("DEFER_TASKRUN + SINGLE_ISSUER", {"coop_taskrun": False, "defer_taskrun": True}),
+]
+RING_WAITS = [1, 8, 16, 32]
+
+
+@dataclass
+class RingVariant:
+    name: str
+    reap_wait: int
+    ops_per_s: list[float] = field(default_factory=list)
+    syscalls_per_op: list[float] = field(default_factory=list)
+    sleeps_per_op: list[float] = field(default_factory=list)
+    vs_c: list[float] = field(default_factory=list)
+
+
+def run_ring_variants(
+    args: argparse.Namespace, bins: dict[str, Path], tmp: Path
+) -> list[RingVariant]:
+    """4 KiB O_DIRECT random reads at QD32: the dvs ring with each completion-work mode and
+    reap strategy (completions waited for per io_uring_enter, which also carries the
+    refill), the C liburing loop in the same repetition as the baseline. sleeps/op: the
+    submitting thread's voluntary context switches (each a wait in io_uring_enter)."""
+    import resource
+
+    data = tmp / "data"
+    if not data.exists():
+        kb.prepare_file(data, FILE_BYTES)
+    os.sync()  # no writeback of the freshly written file competing with the reads
+    ops = 60_000 if not args.quick else 10_000
+    out: dict[tuple[str, int], RingVariant] = {}
+    for _rep in range(args.reps):
+        for name, kw in RING_VARIANTS:
+            # the baseline right before each group: the disk's speed drifts with the load
+            c_rate, _ = c_loop(bins["loop"], "uring", "randread", data, BLOCK, 32, ops, True)
+            for wait in RING_WAITS:
+                v = out.setdefault((name, wait), RingVariant(name, wait))
+                fd = os.open(data, os.O_RDWR | os.O_DIRECT)
+                buf = u.Buffer(32 * BLOCK)
+                try:
+                    with u.Engine("io_uring", files=[fd], buffers=[buf], entries=32, **kw) as e:
+                        before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+                        run = kb.ring_random(
+                            e, buf, FILE_BYTES // BLOCK, ops, 32, write=False, reap_wait=wait
+                        )
+                        sleeps = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+                finally:
+                    os.close(fd)
+                    buf.close()
+                v.ops_per_s.append(run.ops_per_s)
+                v.syscalls_per_op.append(run.syscalls_per_op)
+                v.sleeps_per_op.append(sleeps / ops)
+                v.vs_c.append(run.ops_per_s / c_rate)
+    print("  done: ring variants", flush=True)
+    return list(out.values())
+
+
 def run_crypto(args: argparse.Namespace) -> dict[str, float]:
     res: dict[str, list[float]] = {"openssl": [], "openssl aead": [], "dvs": []}
     for _ in range(args.reps):
@@ -327,12 +392,43 @@ def run_crypto(args: argparse.Namespace) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in res.items() if v}
 
 
-def run_sqlite(
-    args: argparse.Namespace, bins: dict[str, Path], tmp: Path
-) -> dict[str, list[float]]:
+@dataclass
+class SqlRuns:
+    wall: dict[str, list[float]] = field(default_factory=dict)  # statements/s
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # statements per CPU-second
+    syncs_per_txn: dict[str, float] = field(default_factory=dict)
+
+
+def _sqlite_syncs(exe: Path, system: str, db: Path, rounds: int) -> float | None:
+    """fdatasync/fsync per transaction of one C-driver run: system calls for plain and
+    SQLCipher, io_uring FSYNC requests (opcode 3) for dvs, counted by perf tracepoints."""
+    if shutil.which("perf") is None:
+        return None
+    for p in db.parent.glob(db.name + "*"):
+        p.unlink()
+    if system == "dvs":
+        events = ["-e", "io_uring:io_uring_submit_req", "--filter", "opcode == 3"]
+    else:
+        events = ["-e", "syscalls:sys_enter_fdatasync", "-e", "syscalls:sys_enter_fsync"]
+    res = subprocess.run(
+        ["perf", "stat", "-x,", *events, "--", str(exe), str(db), str(rounds)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    total = 0
+    for line in res.stderr.splitlines():
+        first = line.split(",")[0]
+        if first.isdigit():
+            total += int(first)
+    # two transactions per round, plus the schema's three statements (autocommit)
+    return total / (2 * rounds + 3)
+
+
+def run_sqlite(args: argparse.Namespace, bins: dict[str, Path], tmp: Path) -> SqlRuns:
     rounds = 20 if not args.quick else 5
-    out: dict[str, list[float]] = {}
-    for _ in range(args.reps * 2):  # cheap, and noisier than the rest: more samples
+    out = SqlRuns()
+    for _ in range(args.reps * 3):  # cheap, and noisier than the rest: more samples
         for system in ("plain", "dvs", "sqlcipher"):
             exe = bins.get(f"sqlite {system}")
             if exe is None:
@@ -347,9 +443,11 @@ def run_sqlite(
                 timeout=600,
                 check=True,
             )
-            seconds = float(res.stdout.split("seconds=")[1])
+            seconds = float(res.stdout.split("seconds=")[1].split()[0])
+            cpu = float(res.stdout.split("cpu=")[1].split()[0])
             n = int(res.stdout.split("statements=")[1].split()[0])
-            out.setdefault(f"C driver, {system}", []).append(n / seconds)
+            out.wall.setdefault(f"C driver, {system}", []).append(n / seconds)
+            out.cpu.setdefault(f"C driver, {system}", []).append(n / cpu)
         # the same workload through Python's sqlite3 module
         for system in ("plain", "dvs"):
             db = tmp / f"py-{system}.db"
@@ -362,7 +460,14 @@ def run_sqlite(
                 vfs = ssql.register(name, key=KEY)
                 run = kb.sqlite_mixed(lambda db=db, vfs=vfs: vfs.connect(db), rounds)
                 vfs.unregister()
-            out.setdefault(f"Python sqlite3, {system}", []).append(run.ops_per_s)
+            out.wall.setdefault(f"Python sqlite3, {system}", []).append(run.ops_per_s)
+            out.cpu.setdefault(f"Python sqlite3, {system}", []).append(run.ops / run.cpu_seconds)
+    for system in ("plain", "dvs", "sqlcipher"):
+        exe = bins.get(f"sqlite {system}")
+        if exe is not None:
+            syncs = _sqlite_syncs(exe, system, tmp / f"s-{system}.db", rounds)
+            if syncs is not None:
+                out.syncs_per_txn[system] = syncs
     return out
 
 
@@ -374,8 +479,9 @@ def report(
     args: argparse.Namespace,
     rows: list[Row],
     crypto: dict[str, float],
-    sql: dict[str, list[float]],
+    sql: SqlRuns,
     check: tuple[int, int] | None,
+    ring_variants: list[RingVariant],
 ) -> str:
     hz = cpu_hz()
     lines = []
@@ -423,37 +529,88 @@ def report(
             "dvs": "dvs seal loop (one EVP context, per-block IV, 40-byte AAD, tag)",
         }[k]
         lines.append(f"- {label}: {v / 1e9:.2f} GB/s")
+    ring_mb = {
+        r.key: statistics.median(r.mb_per_s) for r in rows if r.system == "dvs ring" and r.mb_per_s
+    }
     for r in rows:
         if r.system == "dvs sealed" and r.gcm_paired and len(r.gcm_paired) == len(r.mb_per_s):
-            wall = statistics.median(
-                mb * 1e6 / g for mb, g in zip(r.mb_per_s, r.gcm_paired, strict=True)
-            )
             cpu = statistics.median(
                 mb * 1e6 / g for mb, g in zip(r.mb_per_cpu_s, r.gcm_paired, strict=True)
             )
+            wall_vs_elapsed = ""
+            if len(r.gcm_elapsed) == len(r.mb_per_s):
+                ratio = statistics.median(
+                    mb * 1e6 / g for mb, g in zip(r.mb_per_s, r.gcm_elapsed, strict=True)
+                )
+                wall_vs_elapsed = (
+                    f" = {ratio:.2f}x `openssl speed -elapsed` (wall-clock, median "
+                    f"{statistics.median(r.gcm_elapsed) / 1e9:.2f} GB/s)"
+                )
+            wall_vs_cpu = statistics.median(
+                mb * 1e6 / g for mb, g in zip(r.mb_per_s, r.gcm_paired, strict=True)
+            )
+            device = ""
+            if r.key in ring_mb:
+                bound = ring_mb[r.key] * 1e6 / statistics.median(r.gcm_paired)
+                device = (
+                    f"; the dvs ring alone (no crypto) moves {ring_mb[r.key]:,.0f} MB/s on this "
+                    f"workload = {bound:.2f}x, the most any sealed figure could reach here"
+                )
             lines.append(
                 f"- sealed {r.workload} ({'O_DIRECT' if r.direct else 'buffered'}, QD{r.qd}): "
-                f"{statistics.median(r.mb_per_s):,.0f} MB/s wall-clock = {wall:.2f}x, and "
                 f"{statistics.median(r.mb_per_cpu_s):,.0f} MB per CPU-second (all threads, "
-                f"io-wq included) = {cpu:.2f}x the `openssl speed -evp aes-256-gcm` figure "
-                f"measured right before each repetition (median "
-                f"{statistics.median(r.gcm_paired) / 1e9:.2f} GB per user-CPU-second; "
-                f"medians of paired ratios)"
+                f"io-wq included) = {cpu:.2f}x `openssl speed -evp aes-256-gcm` (per "
+                f"user-CPU-second, median {statistics.median(r.gcm_paired) / 1e9:.2f} GB/s); "
+                f"{statistics.median(r.mb_per_s):,.0f} MB/s wall-clock{wall_vs_elapsed}, "
+                f"{wall_vs_cpu:.2f}x the per-CPU figure{device} (both openssl runs right "
+                f"before each repetition; medians of paired ratios)"
             )
     lines.append("")
+    if ring_variants:
+        lines.append(
+            "Ring completion modes and reap strategies (4 KiB randread, QD32, O_DIRECT, dvs "
+            "ring driven from Python, one submit+wait io_uring_enter per crossing; the C "
+            "liburing loop (no setup flags, submit_and_wait(1)) in the same repetition; "
+            "sleeps/op = voluntary context switches of the submitting thread):"
+        )
+        lines.append("")
+        lines.append(
+            "| completion work | waits for | ops/s | syscalls/op | sleeps/op | vs C liburing |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        for v in ring_variants:
+            lines.append(
+                f"| {v.name} | {v.reap_wait} | {fmt_rate(statistics.median(v.ops_per_s))} | "
+                f"{statistics.median(v.syscalls_per_op):.3f} | "
+                f"{statistics.median(v.sleeps_per_op):.3f} | "
+                f"{statistics.median(v.vs_c):.2f}x |"
+            )
+        lines.append("")
     lines.append(
         "SQLite mixed workload (500-row insert txn, 200 indexed point selects, 50 indexed "
         "range aggregates, 200-row update txn per round; journal_mode=DELETE, "
-        "synchronous=FULL, 4 KiB pages), statements/s:"
+        "synchronous=FULL, 4 KiB pages; buffered files), statements/s wall-clock and per "
+        "CPU-second (the process's CPU time, kernel I/O workers included), ratios paired "
+        "per repetition:"
     )
-    for k, v in sql.items():
-        base = sql.get("C driver, plain" if k.startswith("C") else "Python sqlite3, plain", [])
-        rate = statistics.median(v)
+    for k, v in sql.wall.items():
+        plain = "C driver, plain" if k.startswith("C") else "Python sqlite3, plain"
+        base, cbase, cpu = sql.wall.get(plain, []), sql.cpu.get(plain, []), sql.cpu.get(k, [])
         ratio = ""
         if len(base) == len(v) and "plain" not in k:
-            # paired: each repetition's ratio, then the median (the machine is shared)
-            ratio = f", {statistics.median(a / b for a, b in zip(v, base, strict=True)):.2f}x plain"
-        lines.append(f"- {k}: {rate:,.0f} statements/s (median of {len(v)}{ratio})")
+            w = statistics.median(a / b for a, b in zip(v, base, strict=True))
+            c = statistics.median(a / b for a, b in zip(cpu, cbase, strict=True))
+            ratio = f"; {w:.2f}x plain wall-clock, {c:.2f}x plain per CPU-second"
+        lines.append(
+            f"- {k}: {statistics.median(v):,.0f} statements/s, "
+            f"{statistics.median(cpu):,.0f} per CPU-second (median of {len(v)}{ratio})"
+        )
+    if sql.syncs_per_txn:
+        lines.append(
+            "- syncs per transaction (C driver, perf tracepoints: fdatasync/fsync calls; for "
+            "dvs io_uring FSYNC requests): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sql.syncs_per_txn.items())
+        )
     lines.append("")
     lines.append(
         f"Enclave-exit cost MODEL (not a measurement): measured time + syscalls x C_exit "
@@ -485,7 +642,9 @@ def main() -> int:
     ap.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md")
     ap.add_argument("--json", default=None, help="also dump raw numbers here")
     ap.add_argument(
-        "--parts", default="io,crypto,sqlite", help="comma-separated: io, crypto, sqlite"
+        "--parts",
+        default="io,ring,crypto,sqlite",
+        help="comma-separated: io, ring (completion modes), crypto, sqlite",
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as t:
@@ -496,18 +655,22 @@ def main() -> int:
         rows: list[Row] = []
         check = None
         crypto: dict[str, float] = {}
-        sql: dict[str, list[float]] = {}
+        sql = SqlRuns()
+        ring_variants: list[RingVariant] = []
         if "io" in parts:
             print("I/O workloads", flush=True)
             rows = run_io(args, bins, tmp)
             check = counter_check(tmp) if shutil.which("perf") else None
+        if "ring" in parts:
+            print("ring completion modes", flush=True)
+            ring_variants = run_ring_variants(args, bins, tmp)
         if "crypto" in parts:
             print("crypto ceiling", flush=True)
             crypto = run_crypto(args)
         if "sqlite" in parts:
             print("SQLite", flush=True)
             sql = run_sqlite(args, bins, tmp)
-    text = report(args, rows, crypto, sql, check)
+    text = report(args, rows, crypto, sql, check, ring_variants)
     command = "python3 benchmarks/bench_shield.py " + " ".join(sys.argv[1:])
     section = f"## Shielded I/O (issue 4)\n\nCommand: `{command.strip()}`\n\n{text}\n"
     print()
@@ -515,7 +678,13 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"rows": [r.__dict__ for r in rows], "crypto": crypto, "sqlite": sql}, indent=1
+                {
+                    "rows": [r.__dict__ for r in rows],
+                    "crypto": crypto,
+                    "sqlite": sql.__dict__,
+                    "ring_variants": [v.__dict__ for v in ring_variants],
+                },
+                indent=1,
             )
         )
     if args.write_results:
