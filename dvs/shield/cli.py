@@ -208,9 +208,19 @@ def _fsck(args: argparse.Namespace) -> int:
             "blocks_checked": report.blocks_checked,
             "blocks_with_data": report.blocks_with_data,
             "superblock_copies_damaged": [s for s in (0, 1) if damage & (1 << s)],
+            "torn_flush_discarded": report.torn_epoch or None,
             "anchor": "checked" if args.anchor and args.anchor.exists() else "none",
         }
         print(json.dumps(result, indent=1))
+        if report.torn_epoch:
+            print(
+                f"fsck: the flush of epoch {report.torn_epoch} did not complete (a crash "
+                "before its sync, or tampering): its superblock names blocks that are not "
+                f"all there; the previous flush (epoch {report.epoch}) is served and the "
+                "next flush rewrites that slot",
+                file=sys.stderr,
+            )
+            return 1
         if damage:
             print(
                 "fsck: a superblock copy failed to authenticate (torn write or tampering); "

@@ -11,8 +11,12 @@ csrc/shield/shield.h):
   in the sealed superblock, and block number and version are in the associated data, so a
   block swapped with another, moved, or replayed from an older version fails to
   authenticate -- reads raise ``IntegrityError`` naming the block and return nothing.
-- Crash consistency: ``flush`` is atomic and durable when it returns; after a crash at any
-  point the volume opens as of some completed flush (never unreadable).
+- Crash consistency: ``flush`` is atomic and durable when it returns (one fdatasync: the
+  new superblock goes out with the flush's data and nodes, into the slot the previous state
+  does not use); after a crash at any point the volume opens as of some completed flush,
+  never unreadable. An open that finds the newest superblock's flush torn (a block or node
+  it names missing or damaged) serves the previous flush and reports it
+  (``open_status.torn_epoch``, ``superblock_damage``); ``strict=True`` refuses instead.
 - What is *not* detected from the file alone: replacing the *whole* file by an older copy of
   itself (whole-file rollback) yields an older but fully authentic state. Detecting that
   needs state the attacker cannot roll back: pass the ``Anchor`` from ``flush()`` back to
@@ -77,6 +81,7 @@ class VerifyReport:
     blocks_with_data: int
     superblock_damage: int
     epoch: int
+    torn_epoch: int = 0  # a newer flush the open discarded because its writes were not all there
 
 
 def read_anchor_file(path: str | os.PathLike[str]) -> Anchor | None:
@@ -450,7 +455,13 @@ class Volume:
         if progress and total == 0:
             progress(0, 0)
         st = self.status()
-        return VerifyReport(done, with_data, self.open_status.superblock_damage, st.epoch)
+        return VerifyReport(
+            done,
+            with_data,
+            self.open_status.superblock_damage,
+            st.epoch,
+            self.open_status.torn_epoch,
+        )
 
     # ---- lifetime ------------------------------------------------------------------------
 

@@ -96,6 +96,37 @@ def test_fsck_refuses_a_rolled_back_volume(
     assert "freshness" in err
 
 
+def test_fsck_reports_a_flush_that_did_not_complete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last flush's superblock is on disk but one of the blocks it names is not (as a
+    crash before its one fdatasync can leave it): fsck serves the previous flush, says
+    which epoch was discarded, and fails; the data of that previous flush reads back."""
+    key_file = tmp_path / "key"
+    key = os.urandom(32)
+    key_file.write_text(key.hex())
+    path = tmp_path / "v.vol"
+    with Volume.create(path, 1 << 20, key=key) as vol:
+        vol.write_blocks(3, b"old!" * 1024)
+    vol = Volume.open(path, key=key)
+    vol.write_blocks(3, b"new!" * 1024)
+    vol.flush()
+    torn = vol.epoch
+    page = vol.locate(3)
+    vol.close(discard=True)  # no clean close: only the flush's own superblock names it
+    assert page is not None
+    with path.open("r+b") as f:
+        f.seek(page * 4096)
+        f.write(bytes(4096))  # the block never arrived
+    assert run("fsck", str(path), "--key-file", str(key_file)) == 1
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["torn_flush_discarded"] == torn and report["epoch"] == torn - 1
+    assert f"epoch {torn} did not complete" in err
+    with Volume.open(path, key=key, readonly=True) as vol:
+        assert vol.read_blocks(3, 1) == b"old!" * 1024
+
+
 def test_sql_on_a_sealed_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
