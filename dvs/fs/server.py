@@ -34,6 +34,27 @@ log = logging.getLogger("dvs.fs")
 FSTYPE_SUBTYPE = "dvs"  # shows as fuse.dvs in /proc/self/mountinfo
 
 
+_FLAG_OPTIONS: dict[str, tuple[str, bool]] = {
+    "ro": ("read_only", True),
+    "rw": ("read_only", False),
+    "nosuid": ("nosuid", True),
+    "suid": ("nosuid", False),
+    "nodev": ("nodev", True),
+    "dev": ("nodev", False),
+    "noexec": ("noexec", True),
+    "exec": ("noexec", False),
+    "passthrough": ("passthrough", True),
+    "nopassthrough": ("passthrough", False),
+    "writeback": ("writeback", True),
+    "nowriteback": ("writeback", False),
+    "allow_other": ("allow_other", True),
+    "noallow_other": ("allow_other", False),
+    "default_permissions": ("default_permissions", True),
+    "nodefault_permissions": ("default_permissions", False),
+    "debug": ("debug", True),
+}
+
+
 @dataclass(frozen=True)
 class MountOptions:
     """Everything a CntrFS mount can be asked for (``dvs fs mount -o``)."""
@@ -55,26 +76,6 @@ class MountOptions:
     uid_map: tuple[IdRange, ...] = ()
     gid_map: tuple[IdRange, ...] = ()
 
-    _FLAGS = {
-        "ro": ("read_only", True),
-        "rw": ("read_only", False),
-        "nosuid": ("nosuid", True),
-        "suid": ("nosuid", False),
-        "nodev": ("nodev", True),
-        "dev": ("nodev", False),
-        "noexec": ("noexec", True),
-        "exec": ("noexec", False),
-        "passthrough": ("passthrough", True),
-        "nopassthrough": ("passthrough", False),
-        "writeback": ("writeback", True),
-        "nowriteback": ("writeback", False),
-        "allow_other": ("allow_other", True),
-        "noallow_other": ("allow_other", False),
-        "default_permissions": ("default_permissions", True),
-        "nodefault_permissions": ("default_permissions", False),
-        "debug": ("debug", True),
-    }
-
     @classmethod
     def parse(cls, text: str, base: MountOptions | None = None) -> MountOptions:
         """Parse ``-o`` syntax: ``ro,nopassthrough,timeout=5,workers=4,uid_map=0:100000:65536``."""
@@ -82,8 +83,8 @@ class MountOptions:
         changes: dict[str, object] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, _, value = item.partition("=")
-            if not value and key in cls._FLAGS:
-                name, flag = cls._FLAGS[key]
+            if not value and key in _FLAG_OPTIONS:
+                name, flag = _FLAG_OPTIONS[key]
                 changes[name] = flag
             elif key in ("workers", "max_pages", "fd_budget"):
                 changes[key] = _int_option(key, value)
@@ -159,9 +160,7 @@ def read_id_map(pid: int, kind: str) -> tuple[IdRange, ...]:
     if kind not in ("uid", "gid"):
         raise ValueError(kind)
     with open(f"/proc/{pid}/{kind}_map") as f:
-        ranges = tuple(
-            IdRange(int(a), int(b), int(c)) for a, b, c in (line.split() for line in f)
-        )
+        ranges = tuple(IdRange(int(a), int(b), int(c)) for a, b, c in (line.split() for line in f))
     if ranges == (IdRange(0, 0, 4294967295),):
         return ()
     return ranges
@@ -244,9 +243,7 @@ class CntrFs:
             raise DvsError(f"the mount point {target!r} is not a directory")
         mount_fd = self.make_mount_fd(init_timeout)
         try:
-            llsys.move_mount(
-                mount_fd, "", llsys.AT_FDCWD, target, llsys.MOVE_MOUNT_F_EMPTY_PATH
-            )
+            llsys.move_mount(mount_fd, "", llsys.AT_FDCWD, target, llsys.MOVE_MOUNT_F_EMPTY_PATH)
         except OSError as exc:
             self.stop()
             raise _mount_error(exc, f"attaching the FUSE mount at {target}") from exc

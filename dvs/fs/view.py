@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from dvs.fs.server import CntrFs, MountOptions, read_id_map
@@ -34,8 +35,7 @@ def _ranges(value: Any) -> tuple[IdRange, ...] | None:
         ranges = tuple(IdRange(int(a), int(b), int(c)) for a, b, c in rows)
     else:
         ranges = tuple(
-            v if isinstance(v, IdRange) else IdRange(int(v[0]), int(v[1]), int(v[2]))
-            for v in value
+            v if isinstance(v, IdRange) else IdRange(int(v[0]), int(v[1]), int(v[2])) for v in value
         )
     if ranges == (IdRange(0, 0, 4294967295),):
         return ()
@@ -85,13 +85,7 @@ class FuseToolsView:
         if self.server is not None:
             raise RuntimeError("this view already made its mount; make a new view")
         uid_map, gid_map = self._maps_for(ctx)
-        opts = MountOptions(
-            **{
-                **{k: getattr(self._options, k) for k in self._options.__dataclass_fields__},
-                "uid_map": uid_map,
-                "gid_map": gid_map,
-            }
-        )
+        opts = replace(self._options, uid_map=uid_map, gid_map=gid_map)
         self.server = CntrFs(self.source_dir, opts)
         try:
             return self.server.make_mount_fd()

@@ -201,7 +201,7 @@ class RawServer:
 
     def wait_exit(self, timeout: float) -> bool:
         """True once every worker has ended (after unmount or stop)."""
-        return lib.dvs_fuse_wait_exit(self._server(), int(timeout * 1000)) == 0
+        return int(lib.dvs_fuse_wait_exit(self._server(), int(timeout * 1000))) == 0
 
     def stats(self) -> Stats:
         st = ffi.new("struct dvs_fuse_stats *")
