@@ -257,6 +257,15 @@ int cntrfs_priv_enter(void)
 	return 1;
 }
 
+int cntrfs_priv_only(int cap)
+{
+	if (!T.can_switch || T.caps_full)
+		return 0;
+	if (dvs_sys_cap_set_effective(1ull << cap) < 0)
+		return 0;
+	return 1;
+}
+
 void cntrfs_priv_leave(int token)
 {
 	if (!token)

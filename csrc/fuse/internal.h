@@ -255,6 +255,7 @@ int cntrfs_creds_init_thread(void);
 int cntrfs_creds_for(struct req *r); /* act as the caller */
 int cntrfs_creds_root(void);	     /* act as the server (root) */
 int cntrfs_priv_enter(void);	     /* raise every permitted capability; returns a token */
+int cntrfs_priv_only(int cap);	     /* raise just this one (non-root callers) */
 void cntrfs_priv_leave(int token);
 int cntrfs_set_umask(uint32_t mask);
 /* translate the ids inside a system.posix_acl_* value in place; to_backing or back */

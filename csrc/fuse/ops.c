@@ -39,6 +39,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -475,12 +476,16 @@ int cntrfs_op_link(struct req *r)
 		cntrfs_inode_put(r->s, dir);
 		return sfd;
 	}
-	char path[48];
-	proc_path(path, sizeof(path), sfd);
 	if ((ret = with_caller(r)) == 0) {
-		if (linkat(AT_FDCWD, path, pfd, name, AT_SYMLINK_FOLLOW) < 0)
+		/* linkat(AT_EMPTY_PATH) names exactly this inode (a /proc/self/fd path would work
+		 * too, but is refused with EXDEV in some mount setups); it needs
+		 * CAP_DAC_READ_SEARCH, and only that is raised: write permission on the new
+		 * parent is still checked with the caller's ids */
+		int token = cntrfs_priv_only(CAP_DAC_READ_SEARCH);
+		if (linkat(sfd, "", pfd, name, AT_EMPTY_PATH) < 0)
 			ret = -errno;
-		else
+		cntrfs_priv_leave(token);
+		if (ret == 0)
 			ret = new_entry(r, dir, pfd, name);
 	}
 	cntrfs_inode_put(r->s, src);
@@ -903,10 +908,26 @@ static void backing_put(struct dvs_fuse_server *s, struct worker *w, struct inod
 	atomic_fetch_sub(&s->backing_files, 1);
 }
 
+/* Passthrough writes run with the credentials the backing file was registered with, so
+ * the kernel would not clear suid/sgid for an unprivileged writer. Such opens (writable,
+ * caller not root, file suid or sgid+group-exec) are served by the daemon instead, with
+ * FOPEN_DIRECT_IO -- allowed next to passthrough opens of the same inode -- and the kernel
+ * flags their writes FUSE_WRITE_KILL_SUIDGID. */
+static int writer_must_kill_privs(struct req *r, int bfd, uint32_t flags)
+{
+	if ((flags & O_ACCMODE) == O_RDONLY || cntrfs_uid_to_backing(r->s, r->in->uid) == 0)
+		return 0;
+	struct stat st;
+	if (fstat(bfd, &st) < 0)
+		return 0;
+	return (st.st_mode & S_ISUID) || (st.st_mode & (S_ISGID | S_IXGRP)) == (S_ISGID | S_IXGRP);
+}
+
 /* Register an open backing descriptor as a FUSE file; fill out. */
 static int finish_open(struct req *r, struct inode *ino, int bfd, uint32_t flags,
 		       struct dvs_fuse_open_out *out)
 {
+	int through_daemon = r->s->passthrough && writer_must_kill_privs(r, bfd, flags);
 	uint64_t fh;
 	struct file *f = file_alloc(r->s, &fh);
 	if (!f) {
@@ -920,7 +941,7 @@ static int finish_open(struct req *r, struct inode *ino, int bfd, uint32_t flags
 	out->fh = fh;
 	pthread_mutex_lock(&ino->lock);
 	ino->nopen++;
-	if (r->s->passthrough) {
+	if (r->s->passthrough && !through_daemon) {
 		int id = backing_get(r, ino, bfd);
 		if (id > 0) {
 			f->passthrough = 1;
@@ -930,7 +951,9 @@ static int finish_open(struct req *r, struct inode *ino, int bfd, uint32_t flags
 		}
 	}
 	pthread_mutex_unlock(&ino->lock);
-	if (!f->passthrough) {
+	if (through_daemon) {
+		out->open_flags |= FOPEN_DIRECT_IO;
+	} else if (!f->passthrough) {
 		if (flags & O_DIRECT)
 			out->open_flags |= FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
 		else if (r->s->attr_sec || r->s->attr_nsec)
