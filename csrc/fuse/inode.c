@@ -213,6 +213,7 @@ static uint32_t slot_alloc(struct dvs_fuse_server *s)
 		for (uint32_t i = 0; i < CNTRFS_SLOTS_PER_CHUNK; i++) {
 			pthread_mutex_init(&chunk[i].lock, NULL);
 			chunk[i].fd = -1;
+			chunk[i].xattr_fd = -1;
 			chunk[i].anchor = -1;
 			chunk[i].idx = c * CNTRFS_SLOTS_PER_CHUNK + i;
 		}

@@ -74,6 +74,7 @@ struct inode {
 	int fd;		  /* O_PATH, -1 when evicted */
 	uint32_t fd_users; /* pins: the fd is never closed while > 0 */
 	uint32_t nopen;	  /* open FUSE files: keeps the fd pinned (unlinked files) */
+	int xattr_fd;	  /* an open file's descriptor while nopen > 0, for f*xattr; -1 */
 	int32_t backing_id; /* passthrough backing file, 0: none */
 	uint32_t backing_users;
 	struct lock_owner *owners;

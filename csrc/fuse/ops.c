@@ -777,19 +777,32 @@ int cntrfs_op_getxattr(struct req *r)
 		size = CNTRFS_XATTR_MAX;
 	if (size > r->w->out_cap)
 		return -ERANGE;
-	struct inode *ino;
-	int fd = node_fd(r, &ino);
-	if (fd < 0)
-		return fd;
-	char path[48];
-	proc_path(path, sizeof(path), fd);
+	struct inode *ino = cntrfs_inode(r->s, r->in->nodeid);
+	if (!ino)
+		return -ESTALE;
+	if ((ret = with_caller(r)) < 0)
+		return ret;
 	ssize_t n = 0;
-	if ((ret = with_caller(r)) == 0) {
-		n = getxattr(path, name, size ? r->w->out : NULL, size);
-		if (n < 0)
-			ret = -errno;
+	/* an open file of the inode answers without re-opening it (every write asks for
+	 * security.capability: the kernel's suid-clearing check) */
+	pthread_mutex_lock(&ino->lock);
+	if (ino->xattr_fd >= 0) {
+		n = fgetxattr(ino->xattr_fd, name, size ? r->w->out : NULL, size);
+		ret = n < 0 ? -errno : 1;
 	}
-	cntrfs_inode_put(r->s, ino);
+	pthread_mutex_unlock(&ino->lock);
+	if (ret == 0) {
+		int fd = cntrfs_inode_fd(r->s, ino);
+		if (fd < 0)
+			return fd;
+		char path[48];
+		proc_path(path, sizeof(path), fd);
+		n = getxattr(path, name, size ? r->w->out : NULL, size);
+		ret = n < 0 ? -errno : 0;
+		cntrfs_inode_put(r->s, ino);
+	}
+	if (ret > 0)
+		ret = 0;
 	if (ret < 0)
 		return ret;
 	if (size == 0) {
@@ -941,6 +954,8 @@ static int finish_open(struct req *r, struct inode *ino, int bfd, uint32_t flags
 	out->fh = fh;
 	pthread_mutex_lock(&ino->lock);
 	ino->nopen++;
+	if (ino->xattr_fd < 0)
+		ino->xattr_fd = bfd;
 	if (r->s->passthrough && !through_daemon) {
 		int id = backing_get(r, ino, bfd);
 		if (id > 0) {
@@ -965,11 +980,13 @@ static int finish_open(struct req *r, struct inode *ino, int bfd, uint32_t flags
 static void release_file(struct dvs_fuse_server *s, struct worker *w, struct file *f)
 {
 	struct inode *ino = f->inode;
-	if (f->fd >= 0)
-		close(f->fd);
-	f->fd = -1;
 	if (ino) {
 		pthread_mutex_lock(&ino->lock);
+		if (ino->xattr_fd == f->fd && f->fd >= 0)
+			ino->xattr_fd = -1;
+		if (f->fd >= 0)
+			close(f->fd);
+		f->fd = -1;
 		if (f->passthrough)
 			backing_put(s, w, ino);
 		if (ino->nopen > 0)
@@ -989,6 +1006,9 @@ static void release_file(struct dvs_fuse_server *s, struct worker *w, struct fil
 			}
 		}
 		pthread_mutex_unlock(&ino->lock);
+	} else if (f->fd >= 0) {
+		close(f->fd);
+		f->fd = -1;
 	}
 	file_free(s, f);
 }
@@ -1287,8 +1307,10 @@ int cntrfs_op_opendir(struct req *r)
 	struct dvs_fuse_open_out out;
 	memset(&out, 0, sizeof(out));
 	out.fh = fh;
+	/* the kernel may keep the listing across opens: with AUTO_INVAL_DATA it compares the
+	 * directory's mtime before reusing it, so a change on the backing store is seen */
 	if (r->s->entry_sec || r->s->entry_nsec)
-		out.open_flags = FOPEN_CACHE_DIR;
+		out.open_flags = FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE;
 	ret = cntrfs_reply_buf(r, &out, sizeof(out));
 	if (r->reply_failed) {
 		close(dfd);
