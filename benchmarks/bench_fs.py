@@ -51,8 +51,8 @@ FILES = 10_000
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def sh(*cmd: str, stdin: str | None = None, timeout: float = 600) -> str:
-    out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+def sh(*cmd: str, stdin: str | None = None, timeout: float = 600, cwd: Path | None = None) -> str:
+    out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr or out.stdout}")
     return out.stdout
@@ -229,7 +229,10 @@ def dbench(root: Path, seconds: int) -> float:
 def fs_mark(root: Path, files: int) -> float:
     d = root / "scratch" / "fm"  # fs_mark wants paths under 40 bytes
     d.mkdir(exist_ok=True)
-    out = sh("fs_mark", "-d", str(d), "-n", str(files), "-s", "4096", "-L", "1", "-S", "0")
+    # fs_mark writes fs_log.txt into its working directory
+    out = sh(
+        "fs_mark", "-d", str(d), "-n", str(files), "-s", "4096", "-L", "1", "-S", "0", cwd=d.parent
+    )
     shutil.rmtree(d, ignore_errors=True)
     rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
     return float(rows[-1][3]) if rows else float("nan")
