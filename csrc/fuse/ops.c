@@ -1288,7 +1288,11 @@ int cntrfs_op_opendir(struct req *r)
 	int ret = with_caller(r);
 	int dfd = -1;
 	if (ret == 0) {
-		dfd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		/* not openat(fd, "."): that needs search permission on the directory itself,
+		 * where opening it for reading natively needs read permission only */
+		char path[48];
+		proc_path(path, sizeof(path), fd);
+		dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (dfd < 0)
 			ret = -errno;
 	}
@@ -1401,27 +1405,25 @@ static int do_readdir(struct req *r, int plus)
 				  (namelen == 1 || (namelen == 2 && d->d_name[1] == '.'));
 			if (!dot) {
 				int lr = cntrfs_lookup(r, f->inode, f->fd, d->d_name, &dp->entry_out);
-				if (lr == -ENOENT) { /* vanished since getdents: skip it */
-					f->dir_pos += d->d_reclen;
-					f->dir_off = (uint64_t)d->d_off;
-					continue;
-				}
 				if (lr < 0) {
-					ret = lr;
-					break;
-				}
-				if (n_added == cap_added) {
-					size_t nc = cap_added ? cap_added * 2 : 64;
-					uint64_t *na = realloc(added, nc * sizeof(*na));
-					if (!na) {
-						cntrfs_forget(r->s, dp->entry_out.nodeid, 1);
-						ret = -ENOMEM;
-						break;
+					/* no attributes (not searchable, vanished, ...): the name is
+					 * still listed, as getdents() lists it natively; nodeid 0
+					 * tells the kernel to skip the attributes */
+					memset(&dp->entry_out, 0, sizeof(dp->entry_out));
+				} else {
+					if (n_added == cap_added) {
+						size_t nc = cap_added ? cap_added * 2 : 64;
+						uint64_t *na = realloc(added, nc * sizeof(*na));
+						if (!na) {
+							cntrfs_forget(r->s, dp->entry_out.nodeid, 1);
+							ret = -ENOMEM;
+							break;
+						}
+						added = na;
+						cap_added = nc;
 					}
-					added = na;
-					cap_added = nc;
+					added[n_added++] = dp->entry_out.nodeid;
 				}
-				added[n_added++] = dp->entry_out.nodeid;
 			}
 			de = &dp->dirent;
 		} else {

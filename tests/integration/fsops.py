@@ -212,7 +212,11 @@ def snapshot(root: str) -> dict[str, Any]:
         for name in sorted(dirnames + filenames):
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
-            st = os.lstat(full)
+            try:
+                st = os.lstat(full)
+            except OSError as exc:  # e.g. a directory the caller may not search
+                tree[rel] = {"error": errno.errorcode[exc.errno or 0]}
+                continue
             entry = _attrs(st)
             if stat.S_ISLNK(st.st_mode):
                 entry["target"] = os.readlink(full)

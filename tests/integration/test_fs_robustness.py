@@ -167,7 +167,7 @@ def test_server_killed_while_a_caller_waits_gets_enotconn() -> None:
         assert out in (f"error {errno.ECONNABORTED}", f"error {errno.ENOTCONN}"), out
         waiter.wait(timeout=10)
         with pytest.raises(OSError) as exc:
-            os.stat(mnt / "f")
+            os.stat(mnt / "never-looked-up")  # not in the kernel's caches: a request
         assert exc.value.errno == errno.ENOTCONN
     finally:
         for proc in (waiter, holder, server):
