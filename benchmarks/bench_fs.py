@@ -36,7 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +46,8 @@ from dvs.testing.cache import cache_dir
 
 HERE = Path(__file__).resolve().parent
 FILES = 10_000
+# short names for mount points and scratch directories: fs_mark refuses paths of 40+ bytes
+TAGS = {"native": "n", "dvs": "d", "dvs-nopt": "w", "pyfuse3": "p", "libfuse-ll": "l"}
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -144,45 +146,52 @@ def external_mount(cmd: list[str], mnt: Path) -> Iterator[Path]:
 
 
 class Setup:
+    """native: the directory itself; every FUSE configuration serves ``backing`` (same
+    files, same ext4) at its own mount point, all mounted at once so workloads can
+    alternate between configurations second by second."""
+
     def __init__(self, work: Path, fsbench: Path, pyfuse3: Path | None, ll: Path | None):
         self.work = work
         self.native = work / "native"
         self.backing = work / "backing"
-        self.mnt = work / "mnt"
         self.fsbench = fsbench
         self.pyfuse3 = pyfuse3
         self.ll = ll
 
-    def prepare(self, big_mib: int) -> None:
+    def prepare(self, big_mib: int, configs: list[str]) -> None:
         for root in (self.native, self.backing):
             (root / "files").mkdir(parents=True, exist_ok=True)
             (root / "scratch").mkdir(exist_ok=True)
+            for name in configs:
+                (root / "scratch" / TAGS[name]).mkdir(exist_ok=True)
             if len(os.listdir(root / "files")) != FILES:
                 sh(str(self.fsbench), "mkfiles", str(root / "files"), str(FILES))
             big = root / "big"
             if not big.exists() or big.stat().st_size != big_mib << 20:
                 sh("dd", "if=/dev/urandom", f"of={big}", "bs=1M", f"count={big_mib}", "status=none")
-        self.mnt.mkdir(exist_ok=True)
 
     @contextlib.contextmanager
     def mounted(self, name: str) -> Iterator[Path]:
         if name == "native":
             yield self.native
-        elif name in ("dvs", "dvs-nopt"):
+            return
+        mnt = self.work / f"m{TAGS[name]}"
+        mnt.mkdir(exist_ok=True)
+        if name in ("dvs", "dvs-nopt"):
             opts = MountOptions.parse("nopassthrough" if name == "dvs-nopt" else "")
             with CntrFs(self.backing, opts) as fs:
-                fs.mount(self.mnt)
-                yield self.mnt
+                fs.mount(mnt)
+                yield mnt
         elif name == "pyfuse3":
             assert self.pyfuse3 is not None
             with external_mount(
-                [sys.executable, str(self.pyfuse3), str(self.backing), str(self.mnt)], self.mnt
+                [sys.executable, str(self.pyfuse3), str(self.backing), str(mnt)], mnt
             ) as root:
                 yield root
         elif name == "libfuse-ll":
             assert self.ll is not None
             with external_mount(
-                [str(self.ll), "-f", "-o", f"source={self.backing}", str(self.mnt)], self.mnt
+                [str(self.ll), "-f", "-o", f"source={self.backing}", str(mnt)], mnt
             ) as root:
                 yield root
         else:
@@ -217,8 +226,8 @@ def fsbench(setup: Setup, *args: str) -> list[float]:
     return [float(json.loads(line)["ops_per_s"]) for line in out.splitlines()]
 
 
-def dbench(root: Path, seconds: int) -> float:
-    d = root / "scratch" / "dbench"
+def dbench(base: Path, seconds: int) -> float:
+    d = base / "dbench"
     d.mkdir(exist_ok=True)
     out = sh("dbench", "-D", str(d), "-t", str(seconds), "-c", "/usr/share/dbench/client.txt", "2")
     shutil.rmtree(d, ignore_errors=True)
@@ -226,8 +235,8 @@ def dbench(root: Path, seconds: int) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def fs_mark(root: Path, files: int) -> float:
-    d = root / "scratch" / "fm"  # fs_mark wants paths under 40 bytes
+def fs_mark(base: Path, files: int) -> float:
+    d = base / "fm"  # fs_mark wants paths under 40 bytes
     d.mkdir(exist_ok=True)
     # fs_mark writes fs_log.txt into its working directory
     out = sh(
@@ -238,8 +247,8 @@ def fs_mark(root: Path, files: int) -> float:
     return float(rows[-1][3]) if rows else float("nan")
 
 
-def postmark(root: Path, files: int, transactions: int) -> float:
-    d = root / "scratch" / "postmark"
+def postmark(base: Path, files: int, transactions: int) -> float:
+    d = base / "pm"
     d.mkdir(exist_ok=True)
     script = f"set location {d}\nset number {files}\nset transactions {transactions}\nrun\nquit\n"
     start = time.monotonic()
@@ -264,25 +273,90 @@ WORKLOADS: list[tuple[str, str, str]] = [
 ]
 
 
-def run_config(setup: Setup, name: str, quick: bool, big_mib: int) -> dict[str, float]:
+def drop_dentries() -> None:
+    """Forget cached dentries and inodes everywhere (page cache stays): equal cold starts."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+
+
+def steady_workloads(
+    setup: Setup, quick: bool, big_mib: int
+) -> list[tuple[str, Callable[[Path, str], float]]]:
     rt = 2 if quick else 3
-    res: dict[str, float] = {}
-    with setup.mounted(name) as root:
-        sh("dd", f"if={root / 'big'}", "of=/dev/null", "bs=1M", "status=none")  # warm caches
-        res["seq_read"] = fio(root, "read", "1M", rt, big_mib, "big") / 1e6
-        res["rand_read"] = fio(root, "randread", "4k", rt, big_mib, "big")
-        res["seq_write"] = fio(root, "write", "1M", rt, 256, "scratch/written") / 1e6
+
+    def seq_write(root: Path, name: str) -> float:
+        target = f"scratch/{name}/written"
+        value = fio(root, "write", "1M", rt, 256, target) / 1e6
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(root / "scratch" / "written")
-        stats = fsbench(setup, "stat", str(root / "files"), str(FILES), "3")
-        res["stat_cold"], res["stat_warm"] = stats[0] / 1e3, max(stats[1:]) / 1e3
-        res["create"] = fsbench(setup, "create", str(root / "scratch"), str(FILES), "4096")[0] / 1e3
-        lists = fsbench(setup, "readdir", str(root / "files"), "4")
-        res["readdir_cold"], res["readdir_warm"] = lists[0], max(lists[1:])
-        res["dbench"] = dbench(root, 5 if quick else 10)
-        res["fs_mark"] = fs_mark(root, 2000 if quick else 5000)
-        res["postmark"] = postmark(root, 500 if quick else 1000, 5000 if quick else 20000)
-    return res
+            os.unlink(root / target)
+        return value
+
+    return [
+        ("seq_read", lambda root, name: fio(root, "read", "1M", rt, big_mib, "big") / 1e6),
+        ("rand_read", lambda root, name: fio(root, "randread", "4k", rt, big_mib, "big")),
+        ("seq_write", seq_write),
+        (
+            "stat_warm",
+            lambda root, name: (
+                max(fsbench(setup, "stat", str(root / "files"), str(FILES), "2")) / 1e3
+            ),
+        ),
+        (
+            "create",
+            lambda root, name: (
+                fsbench(setup, "create", str(root / "scratch" / name), str(FILES), "4096")[0] / 1e3
+            ),
+        ),
+        (
+            "readdir_warm",
+            lambda root, name: max(fsbench(setup, "readdir", str(root / "files"), "2")),
+        ),
+        ("dbench", lambda root, name: dbench(root / "scratch" / name, 5 if quick else 10)),
+        ("fs_mark", lambda root, name: fs_mark(root / "scratch" / name, 2000 if quick else 5000)),
+        (
+            "postmark",
+            lambda root, name: postmark(
+                root / "scratch" / name, 500 if quick else 1000, 5000 if quick else 20000
+            ),
+        ),
+    ]
+
+
+def run_steady(
+    setup: Setup, configs: list[str], reps: int, quick: bool, big_mib: int
+) -> dict[str, dict[str, list[float]]]:
+    out: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
+    with contextlib.ExitStack() as stack:
+        roots = {c: stack.enter_context(setup.mounted(c)) for c in configs}
+        for root in roots.values():
+            sh("dd", f"if={root / 'big'}", "of=/dev/null", "bs=1M", "status=none")
+        for key, work in steady_workloads(setup, quick, big_mib):
+            for rep in range(reps):
+                order = configs if rep % 2 == 0 else configs[::-1]  # cancels linear drift
+                for name in order:
+                    out[name].setdefault(key, []).append(work(roots[name], TAGS[name]))
+            print(f"  {key}: done (load {os.getloadavg()[0]:.1f})", flush=True)
+    return out
+
+
+def run_cold(setup: Setup, configs: list[str], reps: int) -> dict[str, dict[str, list[float]]]:
+    """First stat/readdir pass on a fresh mount, after dropping dentries and inodes."""
+    out: dict[str, dict[str, list[float]]] = {
+        c: {"stat_cold": [], "readdir_cold": []} for c in configs
+    }
+    for rep in range(reps):
+        for name in configs if rep % 2 == 0 else configs[::-1]:
+            with setup.mounted(name) as root:
+                drop_dentries()
+                out[name]["stat_cold"].append(
+                    fsbench(setup, "stat", str(root / "files"), str(FILES), "1")[0] / 1e3
+                )
+                drop_dentries()
+                out[name]["readdir_cold"].append(
+                    fsbench(setup, "readdir", str(root / "files"), "1")[0]
+                )
+    print("  cold metadata: done", flush=True)
+    return out
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -294,33 +368,32 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.2f}" if x < 10 else f"{x:.1f}"
 
 
-def report(results: dict[str, list[dict[str, float]]], configs: list[str]) -> str:
-    med = {
-        c: {k: statistics.median(r[k] for r in results[c]) for k in results[c][0]} for c in configs
-    }
+def report(results: dict[str, dict[str, list[float]]], configs: list[str]) -> str:
+    med = {c: {k: statistics.median(v) for k, v in results[c].items()} for c in configs}
+
+    def paired(a: str, b: str, key: str) -> float | None:
+        """Median over repetitions of the ratio of two runs made back to back."""
+        if a not in results or b not in results:
+            return None
+        pairs = list(zip(results[a][key], results[b][key], strict=True))
+        return statistics.median(x / y for x, y in pairs if y)
+
     lines = ["| workload | unit | " + " | ".join(configs) + " | dvs/native | dvs/pyfuse3 |"]
     lines.append("|" + "---|" * (len(configs) + 4))
     for key, label, unit in WORKLOADS:
         row = [label, unit] + [fmt(med[c][key]) for c in configs]
-        dvs, nat = med.get("dvs", {}).get(key), med.get("native", {}).get(key)
-        py = med.get("pyfuse3", {}).get(key)
-        row.append(f"{dvs / nat:.2f}x" if dvs and nat else "")
-        row.append(f"{dvs / py:.0f}x" if dvs and py else "")
+        r_native, r_py = paired("dvs", "native", key), paired("dvs", "pyfuse3", key)
+        row.append(f"{r_native:.2f}x" if r_native else "")
+        row.append(f"{r_py:.0f}x" if r_py else "")
         lines.append("| " + " | ".join(row) + " |")
-    targets = [
-        ("seq_read", 0.95),
-        ("rand_read", 0.9),
-        ("stat_warm", 0.7),
-        ("create", 0.3),
-    ]
     lines.append("")
-    for key, goal in targets:
-        if "dvs" in med and "native" in med:
-            ratio = med["dvs"][key] / med["native"][key]
+    for key, goal in [("seq_read", 0.95), ("rand_read", 0.9), ("stat_warm", 0.7), ("create", 0.3)]:
+        ratio = paired("dvs", "native", key)
+        if ratio is not None:
             verdict = "met" if ratio >= goal else "MISSED"
             lines.append(f"- target {key} >= {goal}x native: {ratio:.2f}x ({verdict})")
     if "pyfuse3" in med and "dvs" in med:
-        slower = [k for k, _, _ in WORKLOADS if med["dvs"][k] <= med["pyfuse3"][k]]
+        slower = [k for k, _, _ in WORKLOADS if (paired("dvs", "pyfuse3", k) or 0) <= 1]
         lines.append(
             "- faster than pyfuse3 on every row: "
             + ("yes" if not slower else f"NO ({', '.join(slower)})")
@@ -332,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller files")
     parser.add_argument("--configs", default="native,dvs,dvs-nopt,pyfuse3,libfuse-ll")
     parser.add_argument("--work", default="/var/tmp/dvsfs", help="ext4 scratch directory")
@@ -353,22 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     big_mib = 256 if args.quick else 512
     work = Path(args.work)
     setup = Setup(work, fsbench_bin, pyfuse3, ll)
-    setup.prepare(big_mib)
+    setup.prepare(big_mib, configs)
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Linux "
         f"{platform.release()}; load {os.getloadavg()[0]:.1f}; work dir {work} "
         f"({sh('findmnt', '-n', '-o', 'FSTYPE', '-T', str(work)).strip()})"
     )
     print("engines: fio psync iodepth=1, invalidate=0 (page cache warm); fsbench.c loops")
-    results: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
-    for rep in range(args.reps):
-        for name in configs:
-            start = time.monotonic()
-            results[name].append(run_config(setup, name, args.quick, big_mib))
-            print(f"rep {rep + 1}/{args.reps} {name}: {time.monotonic() - start:.0f} s", flush=True)
-    table = report(results, configs)
+    start = time.monotonic()
+    results = run_steady(setup, configs, args.reps, args.quick, big_mib)
+    for name, cold in run_cold(setup, configs, args.reps).items():
+        results[name].update(cold)
+    print(f"total {time.monotonic() - start:.0f} s")
     print()
-    print(table)
+    print(report(results, configs))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
