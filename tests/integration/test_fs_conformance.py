@@ -168,8 +168,10 @@ def _empty(root: Path) -> None:
         full = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
             for dirpath, dirnames, _ in os.walk(full):
-                for name in dirnames:
-                    os.chmod(os.path.join(dirpath, name), 0o700, follow_symlinks=False)
+                for name in dirnames:  # os.walk lists symlinks to directories here too
+                    sub = os.path.join(dirpath, name)
+                    if not os.path.islink(sub):
+                        os.chmod(sub, 0o700)
             os.chmod(full, 0o700)
             shutil.rmtree(full)
         else:
