@@ -423,3 +423,51 @@ def test_sqlite_with_concurrent_writers(journal: str) -> None:
         db.close()
         assert counts == {"a": 100, "b": 100, "c": 100}
         assert m.fs.stats().by_opcode.get("SETLK", 0) > 0  # the locks went through the server
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    ]
+
+
+def _list_with_seeks(path: Path, marks: tuple[int, ...]) -> tuple[list[bytes], dict[int, bytes]]:
+    """readdir() to the end remembering telldir() at some entries, then seekdir() back."""
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.POINTER(_Dirent)
+    libc.readdir.argtypes = libc.telldir.argtypes = libc.closedir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    d = libc.opendir(bytes(path))
+    assert d
+    names: list[bytes] = []
+    positions = {}
+    while True:
+        if len(names) in marks:
+            positions[len(names)] = libc.telldir(d)
+        entry = libc.readdir(d)
+        if not entry:
+            break
+        names.append(entry.contents.d_name)
+    again = {}
+    for index, position in positions.items():
+        libc.seekdir(d, position)
+        again[index] = libc.readdir(d).contents.d_name
+    libc.closedir(d)
+    return names, again
+
+
+def test_telldir_seekdir_on_a_large_directory() -> None:
+    """Without caching every readdir reaches the server, which must honour the offsets."""
+    with cntrfs_mount("timeout=0") as m:
+        for i in range(2000):
+            (m.source / f"entry{i:05d}").touch()
+        marks = (10, 500, 1500)
+        native, native_seeks = _list_with_seeks(m.source, marks)
+        mounted, mounted_seeks = _list_with_seeks(m.mountpoint, marks)
+        assert mounted == native  # same entries, same order (the backing directory's)
+        assert mounted_seeks == {k: mounted[k] for k in marks} == native_seeks
