@@ -11,7 +11,17 @@ groups -- and the test compares everything natively observable.
 Documented exceptions, where FUSE itself differs from a native filesystem: st_dev/st_ino
 and atime/ctime are not compared (FUSE reports its own device; atime of a passthrough read
 updates the backing inode but the kernel's FUSE inode keeps cached attributes for
-attr_timeout). Everything else must be identical.
+attr_timeout, and symlinks are cached so their atime does not move). Everything else must be
+identical. Differences checked elsewhere, all FUSE's or the kernel's:
+- with the writeback cache (no passthrough) SEEK_DATA/SEEK_HOLE are answered by the kernel
+  without holes, because dirty pages are not in the backing file yet (test_fs_features);
+- when the server dies, requests in flight fail with ECONNABORTED and later ones with
+  ENOTCONN (fuse_abort_conn; test_fs_robustness);
+- F_GETLK through the mount names the holder's pid when one lock owner holds the conflicting
+  range; with several readers it may report pid 0 (OFD locks carry no pid);
+- a suid/sgid bit set while an unprivileged writer already has the file open through
+  passthrough is not cleared by that writer's later writes (writers that open a suid/sgid
+  file are served by the daemon for exactly this reason; test_fs_features).
 """
 
 from __future__ import annotations
