@@ -34,6 +34,18 @@ def world_dir(prefix: str, base: str | None = None) -> Path:
 
 
 @contextlib.contextmanager
+def world_tempdir(prefix: str, base: str | None = None) -> Iterator[Path]:
+    """``world_dir`` removed again afterwards (never through a mount still below it)."""
+    path = world_dir(prefix, base)
+    try:
+        yield path
+    finally:
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+        if not any(line.split()[4].startswith(str(path)) for line in mountinfo):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def cntrfs_mount(
     options: str | MountOptions = "",
     *,

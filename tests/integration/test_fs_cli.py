@@ -153,6 +153,8 @@ def test_tools_view_is_a_detached_mount_with_the_targets_ids(tmp_path: Path) -> 
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
         shutil.rmtree(tools, ignore_errors=True)
+        if not os.path.ismount(where):
+            shutil.rmtree(where, ignore_errors=True)
 
 
 def test_tools_view_reads_maps_from_the_target_pid() -> None:

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from dvs.lowlevel import sys as llsys
-from dvs.testing.fs import cntrfs_mount, world_dir
+from dvs.testing.fs import cntrfs_mount, world_tempdir
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(120)]
 
@@ -69,8 +69,7 @@ def test_files_belong_to_their_creator() -> None:
 
 @pytest.mark.parametrize("groups,allowed", [((1001,), True), ((), False)])
 def test_supplementary_groups_are_the_callers(groups: tuple[int, ...], allowed: bool) -> None:
-    native = world_dir("dvs-native-")
-    with cntrfs_mount() as m:
+    with world_tempdir("dvs-native-") as native, cntrfs_mount() as m:
         outcomes = []
         for root in (native, m.mountpoint):
             team = root / "team"
@@ -111,8 +110,7 @@ print(" ".join(out))
 def test_unprivileged_callers_get_no_server_privileges() -> None:
     """CAP_SYS_ADMIN (trusted.*), CAP_SETFCAP, CAP_MKNOD, CAP_CHOWN, CAP_FOWNER: the server
     has them all, a caller without them must not get them through it."""
-    native = world_dir("dvs-native-")
-    with cntrfs_mount() as m:
+    with world_tempdir("dvs-native-") as native, cntrfs_mount() as m:
         results = []
         for root in (native, m.mountpoint):
             root.chmod(0o777)

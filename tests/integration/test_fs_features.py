@@ -12,6 +12,7 @@ import errno
 import logging
 import mmap
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from dvs.lowlevel import sys as llsys
-from dvs.testing.fs import cntrfs_mount, world_dir
+from dvs.testing.fs import cntrfs_mount, world_dir, world_tempdir
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(120)]
 
@@ -122,8 +123,7 @@ def test_statfs_is_the_backing_filesystems() -> None:
 
 @pytest.mark.parametrize("options", ["", "nopassthrough"])
 def test_fallocate_holes_and_copy_file_range(options: str) -> None:
-    native = world_dir("dvs-native-")
-    with cntrfs_mount(options) as m:
+    with world_tempdir("dvs-native-") as native, cntrfs_mount(options) as m:
         results = []
         for root in (native, m.mountpoint):
             fd = os.open(root / "sparse", os.O_CREAT | os.O_RDWR, 0o644)
@@ -352,6 +352,9 @@ def test_fsync_and_fdatasync_keep_their_meaning(tmp_path: Path) -> None:
     finally:
         subprocess.run([sys.executable, "-m", "dvs", "fs", "umount", "-l", str(mnt)], check=False)
         server.wait(timeout=30)
+        shutil.rmtree(src, ignore_errors=True)
+        if not os.path.ismount(mnt):
+            shutil.rmtree(mnt, ignore_errors=True)
     assert "fdatasync(" in after_datasync and " fsync(" not in after_datasync
     assert " fsync(" in after_fsync.replace(after_datasync, "")
 
@@ -359,8 +362,7 @@ def test_fsync_and_fdatasync_keep_their_meaning(tmp_path: Path) -> None:
 @pytest.mark.parametrize("options", ["", "nopassthrough"])
 def test_suid_and_sgid_cleared_like_the_kernel_does(options: str) -> None:
     """An unprivileged write clears suid (and sgid with group-exec); chown clears both."""
-    native = world_dir("dvs-native-")
-    with cntrfs_mount(options) as m:
+    with world_tempdir("dvs-native-") as native, cntrfs_mount(options) as m:
         modes = {}
         for root in (native, m.mountpoint):
             for name in ("w", "c"):
