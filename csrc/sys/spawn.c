@@ -136,10 +136,13 @@ static int write_maps(int pid, const struct dvs_spawn *req)
 	if (req->uid_map)
 		err = write_file(pid, "uid_map", req->uid_map);
 	if (!err && req->gid_map) {
-		/* an unprivileged mapper must deny setgroups first; harmless for root */
-		int deny = write_file(pid, "setgroups", "deny");
-		if (deny && deny != -EPERM)
-			return deny;
+		/* an unprivileged mapper must deny setgroups first; a privileged one must not,
+		 * or the child could not drop its groups (setgroups(0) when asked for a gid) */
+		if (geteuid() != 0) {
+			int deny = write_file(pid, "setgroups", "deny");
+			if (deny && deny != -EPERM)
+				return deny;
+		}
 		err = write_file(pid, "gid_map", req->gid_map);
 	}
 	return err;

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from attach_helpers import Snapshot, dvs, require, wait_until_clean
 
-from dvs.container import AmbiguousTarget, BackendUnavailable, Session, resolve
+from dvs.container import AmbiguousTarget, Session, resolve
 from dvs.container.resolve import DEFAULT_TYPES, Env, resolve_pid
 from dvs.errors import NotPermitted, TargetGone, TargetNotFound
 from dvs.lowlevel import sys as llsys
@@ -205,23 +205,6 @@ def test_non_root_caller_is_refused_and_the_target_untouched() -> None:
             assert result.returncode == 1
             assert b"needs root" in result.stderr, result.stderr
         assert wait_until_clean(before, box.pid) == before
-
-
-def test_fuse_backend_is_reported_unavailable_until_dvs_fs_provides_it() -> None:
-    from dvs.container import views
-
-    try:
-        import dvs.fs as fs  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        fs = None
-    if fs is not None and (hasattr(fs, "make_tools_view") or hasattr(fs, "FuseToolsView")):
-        pytest.skip("dvs.fs provides the fuse backend now; its own tests cover it")
-    with pytest.raises(BackendUnavailable, match="fuse backend is not available yet"):
-        views.open_view("fuse", "/")
-    with run_container("runc") as box:
-        result = dvs("attach", "--backend", "fuse", box.id, "--", "true")
-        assert result.returncode == 1
-        assert b"fuse backend is not available yet" in result.stderr
 
 
 def test_pid_resolution_pins_the_process() -> None:
