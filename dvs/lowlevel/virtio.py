@@ -282,9 +282,10 @@ class BlkDevice:
         )  # fmt: skip
 
     def close(self) -> None:
+        """Free the device now (the backing fd stays open: it is the caller's)."""
         if self._blk is not None:
-            lib.dvs_blk_destroy(ffi.gc(self._blk, None))
-            self._blk = None
+            blk, self._blk = self._blk, None
+            ffi.release(blk)  # runs dvs_blk_destroy
 
 
 # --- virtio-console -----------------------------------------------------------------------------
