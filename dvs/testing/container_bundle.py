@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from dvs.errors import DvsError
 from dvs.testing import container_rootfs
 
 BUNDLE_PREFIX: Final = "dvs-bundle-"
@@ -53,15 +54,27 @@ DEFAULT_RLIMITS: Final[Mapping[str, tuple[int, int]]] = {"RLIMIT_NOFILE": (1024,
 # runc spec's defaults: enough for a shell and its tools, far from privileged.
 DEFAULT_CAPABILITIES: Final = ("CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE")
 MASKED_PATHS: Final = (
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/proc/scsi",
 )
 READONLY_PATHS: Final = (
-    "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
 )
 
 
-class BundleError(ValueError):
+class BundleError(DvsError, ValueError):
     """A bundle was requested with options no runtime on this host can satisfy."""
 
 
@@ -120,11 +133,13 @@ class BundleOptions:
 
 
 def _id_mappings() -> list[dict[str, int]]:
-    return [{
-        "containerID": 0,
-        "hostID": container_rootfs.USERNS_ID_BASE,
-        "size": container_rootfs.USERNS_ID_COUNT,
-    }]
+    return [
+        {
+            "containerID": 0,
+            "hostID": container_rootfs.USERNS_ID_BASE,
+            "size": container_rootfs.USERNS_ID_COUNT,
+        }
+    ]
 
 
 def oci_config(options: BundleOptions, container_id: str) -> dict[str, Any]:
@@ -146,18 +161,42 @@ def oci_config(options: BundleOptions, container_id: str) -> dict[str, Any]:
         linux["gidMappings"] = _id_mappings()
     mounts: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+        },
     ]
     mounts.extend(m.to_oci() for m in options.mounts)
     return {
@@ -216,7 +255,8 @@ def make_bundle(options: BundleOptions, container_id: str, parent: Path | None =
     """Create a fresh bundle (temp dir named after this pid, so leftovers can be attributed)."""
     config = oci_config(options, container_id)  # validates before anything is written
     source = (
-        container_rootfs.busybox_rootfs_userns() if options.userns
+        container_rootfs.busybox_rootfs_userns()
+        if options.userns
         else container_rootfs.busybox_rootfs()
     )
     path = Path(tempfile.mkdtemp(prefix=f"{BUNDLE_PREFIX}{os.getpid()}-", dir=parent))

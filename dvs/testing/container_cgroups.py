@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from dvs.errors import DvsError
 from dvs.testing import container_bundle, container_rootfs
 
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
@@ -70,7 +71,7 @@ COMMAND_TIMEOUT: Final = 30.0
 SETTLE_TIMEOUT: Final = 10.0
 
 
-class CgroupWorkaroundError(RuntimeError):
+class CgroupWorkaroundError(DvsError):
     """The hugetlb workaround could not be checked, applied or undone."""
 
 
@@ -101,14 +102,18 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            entries.append(MountEntry(
-                mount_id=int(fields[0]),
-                mountpoint=_unescape(fields[4]),
-                mount_options=tuple(fields[5].split(",")),
-                fstype=fields[sep + 1],
-                source=_unescape(fields[sep + 2]),
-                super_options=tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else (),
-            ))
+            entries.append(
+                MountEntry(
+                    mount_id=int(fields[0]),
+                    mountpoint=_unescape(fields[4]),
+                    mount_options=tuple(fields[5].split(",")),
+                    fstype=fields[sep + 1],
+                    source=_unescape(fields[sep + 2]),
+                    super_options=tuple(fields[sep + 3].split(","))
+                    if len(fields) > sep + 3
+                    else (),
+                )
+            )
     return entries
 
 
@@ -148,11 +153,13 @@ def _wait_until(check: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> b
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL
+    )
 
 
 # -- probing crun ---------------------------------------------------------------------------
+
 
 def crun_refuses_hybrid_cgroups(crun: str = "crun") -> bool:
     """Run ``/bin/true`` under crun: True if it fails with the hybrid-mode message.
@@ -184,6 +191,7 @@ def crun_refuses_hybrid_cgroups(crun: str = "crun") -> bool:
 
 # -- apply and undo (callers hold the mutex) ------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _State:
     mount_id: int
@@ -192,11 +200,15 @@ class _State:
 
     def save(self) -> None:
         tmp = STATE_PATH.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
-            "mount_id": self.mount_id,
-            "hierarchy_before": self.hierarchy_before,
-            "unified_before": list(self.unified_before),
-        }))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "mount_id": self.mount_id,
+                    "hierarchy_before": self.hierarchy_before,
+                    "unified_before": list(self.unified_before),
+                }
+            )
+        )
         tmp.rename(STATE_PATH)
 
 
@@ -213,8 +225,7 @@ def _read_state() -> _State | None:
         raw = json.loads(STATE_PATH.read_text())
     except FileNotFoundError:
         return None
-    state = _State(int(raw["mount_id"]), int(raw["hierarchy_before"]),
-                   tuple(raw["unified_before"]))
+    state = _State(int(raw["mount_id"]), int(raw["hierarchy_before"]), tuple(raw["unified_before"]))
     mount = _hugetlb_mount()
     if mount is None or mount.mount_id != state.mount_id:
         STATE_PATH.unlink()
@@ -269,19 +280,43 @@ def _apply() -> _State:
     return state
 
 
-def _remove_child_cgroups() -> None:
-    for dirpath, _, _ in os.walk(HUGETLB_MOUNTPOINT, topdown=False):
-        if Path(dirpath) == HUGETLB_MOUNTPOINT:
-            continue
+def _is_zombie(pid: str) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True  # reaped meanwhile
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _remove_cgroup(path: str) -> None:
+    """rmdir a v1 cgroup, waiting while only zombies keep it busy.
+
+    A v1 cgroup lists an exited task until its parent reaps it, and ``rmdir`` fails with
+    EBUSY meanwhile; orphans (a dead podman's conmon) wait for PID 1, which here takes up
+    to about 2 s. Live processes mean someone else's container: an error, never a kill.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
         try:
-            os.rmdir(dirpath)
+            os.rmdir(path)
+            return
         except OSError as exc:
             if exc.errno != errno.EBUSY:
                 raise
-            procs = Path(dirpath, "cgroup.procs").read_text().split()
-            raise CgroupWorkaroundError(
-                f"expected no processes in hugetlb cgroup {dirpath}, found {procs}"
-            ) from exc
+            procs = Path(path, "cgroup.procs").read_text().split()
+            live = [pid for pid in procs if not _is_zombie(pid)]
+            if live or time.monotonic() > deadline:
+                raise CgroupWorkaroundError(
+                    f"expected no processes in hugetlb cgroup {path}, found {live or procs}"
+                    + ("" if live else " (zombies not reaped within 10 s)")
+                ) from exc
+        time.sleep(0.02)
+
+
+def _remove_child_cgroups() -> None:
+    for dirpath, _, _ in os.walk(HUGETLB_MOUNTPOINT, topdown=False):
+        if Path(dirpath) != HUGETLB_MOUNTPOINT:
+            _remove_cgroup(dirpath)
 
 
 def _undo(state: _State) -> None:
@@ -316,6 +351,7 @@ def _undo(state: _State) -> None:
 
 
 # -- cross-process reference counting -------------------------------------------------------
+
 
 def _open_state_file(path: Path) -> int:
     STATE_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -354,8 +390,11 @@ def _undo_if_unused_locked() -> bool:
     try:
         _undo(state)
     except CgroupWorkaroundError as exc:
-        warnings.warn(f"hugetlb workaround left in place, retried later: {exc}",
-                      CgroupWorkaroundWarning, stacklevel=3)
+        warnings.warn(
+            f"hugetlb workaround left in place, retried later: {exc}",
+            CgroupWorkaroundWarning,
+            stacklevel=3,
+        )
         return False
     return True
 

@@ -30,8 +30,7 @@ def main(argv: list[str]) -> int:
     log_path, command = argv[0], argv[2:]
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        print(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}",
-              file=sys.stderr)
+        print(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}", file=sys.stderr)
         return 1
     with open(log_path, "ab", buffering=0) as log:
         runtime = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

@@ -33,6 +33,7 @@ import subprocess
 from pathlib import Path
 from typing import Final
 
+from dvs.errors import DvsError
 from dvs.testing import cache
 
 HOST_BUSYBOX: Final = Path("/bin/busybox")
@@ -86,7 +87,7 @@ done
 """
 
 
-class RootfsBuildError(RuntimeError):
+class RootfsBuildError(DvsError):
     """The busybox rootfs could not be built (host busybox missing or unusable)."""
 
 
@@ -119,8 +120,20 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def _build_plain(root: Path) -> None:
-    for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run",
-                      "root", "home/dvs", "var"):
+    for directory in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "root",
+        "home/dvs",
+        "var",
+    ):
         (root / directory).mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir()
     (root / "tmp").chmod(0o1777)
@@ -145,6 +158,7 @@ def _build_plain(root: Path) -> None:
 
 def _shift_owners(root: Path, offset: int) -> None:
     """Add ``offset`` to the owner and group of every entry (symlinks themselves, not targets)."""
+
     def shift(path: str) -> None:
         info = os.lstat(path)
         os.lchown(path, info.st_uid + offset, info.st_gid + offset)

@@ -20,7 +20,10 @@ The semantics these fixtures rely on:
   once per rootfs build, tag ``localhost/dvs-busybox:<build>``). The container runs detached
   with ``--runtime runc|crun``, ``--network none`` (own, empty net namespace; podman then leaves
   the image's ``/etc/resolv.conf`` alone) and ``--no-hosts`` (keeps the image's ``/etc/hosts``);
-  podman bind-mounts its own ``/etc/hostname`` holding the hostname. conmon is the init's parent.
+  podman bind-mounts its own ``/etc/hostname`` holding the hostname (no trailing newline).
+  conmon is the init's parent; ``--cgroups no-conmon`` leaves conmon in the caller's cgroups,
+  because a conmon cgroup outlives the container until PID 1 reaps the exited conmon, which
+  would delay undoing the hugetlb workaround by ~2 s.
   ``podman inspect`` gives ``.State.Pid``, the bundle (``.StaticDir``) and the rootfs
   (``.GraphDriver.Data.MergedDir``). With ``--runtime runc`` the container is also in
   ``runc list`` under podman's full container id (podman uses runc's default state root).
@@ -55,8 +58,9 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
+from dvs.errors import DvsError
 from dvs.testing import cache, container_bundle, container_cgroups, container_rootfs
 from dvs.testing.container_bundle import BundleError, BundleOptions, Mount
 from dvs.testing.container_cgroups import CgroupWorkaroundError
@@ -103,7 +107,7 @@ PODMAN_IMAGE_REPOSITORY: Final = "localhost/dvs-busybox"
 PODMAN_NPROC_LIMIT: Final = 32768
 
 
-class ContainerError(RuntimeError):
+class ContainerError(DvsError):
     """A test container could not be started, used or removed."""
 
 
@@ -130,8 +134,10 @@ class ContainerCleanupError(ContainerError):
 
 # -- small helpers --------------------------------------------------------------------------
 
-def _run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT,
-         input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+
+def _run(
+    argv: Sequence[str], timeout: float = COMMAND_TIMEOUT, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         list(argv),
         input=input,
@@ -207,6 +213,7 @@ def unavailable_reason(kind: str) -> str | None:
 
 # -- the container objects ------------------------------------------------------------------
 
+
 @dataclass
 class Container:
     """A running test container, as a test sees it from the host."""
@@ -223,8 +230,14 @@ class Container:
     def _exec_prefix(self) -> list[str]:
         raise NotImplementedError
 
-    def exec(self, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
-             input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 30.0,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` inside the container (its namespaces and root) and capture its output."""
         result = _run([*self._exec_prefix(), *argv], timeout=timeout, input=input)
         if check and result.returncode != 0:
@@ -272,6 +285,7 @@ class PodmanContainer(Container):
 
 # -- runc / crun ----------------------------------------------------------------------------
 
+
 def _runtime_command(runtime: str, state_root: Path | None) -> list[str]:
     return [runtime] if state_root is None else [runtime, "--root", str(state_root)]
 
@@ -291,15 +305,18 @@ def _oci_container_exists(command: Sequence[str], container_id: str) -> bool:
     return container_id in result.stdout.decode().split()
 
 
-def _start_with_reaper(command: Sequence[str], log: Path,
-                       timeout: float) -> subprocess.Popen[bytes]:
+def _start_with_reaper(
+    command: Sequence[str], log: Path, timeout: float
+) -> subprocess.Popen[bytes]:
     """Run ``command`` (a ``run -d``) under the reaper; return it once the runtime exited 0."""
     with open(log, "ab") as log_file:
         # A session of its own: a terminal's ^C must not reach the container's init, which
         # shares the reaper's process group. Cleanup is the fixture's job.
         reaper = subprocess.Popen(
             [sys.executable, str(REAPER_SCRIPT), str(log), "--", *command],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
             start_new_session=True,
         )
     assert reaper.stdout is not None
@@ -321,9 +338,7 @@ def _start_with_reaper(command: Sequence[str], log: Path,
     if data.strip() != b"0":
         reaper.wait(timeout=EXIT_TIMEOUT)
         found = data.decode(errors="replace").strip() or "no status"
-        raise ContainerStartError(
-            f"{' '.join(command)}: expected exit status 0, found {found}"
-        )
+        raise ContainerStartError(f"{' '.join(command)}: expected exit status 0, found {found}")
     return reaper
 
 
@@ -345,7 +360,9 @@ def run_container(
 
     ``args`` default to the idle init (``/usr/bin/dvs-idle ID``). ``readonly`` makes the root
     read-only; ``userns`` maps container ids 0..65535 to host 100000.. (rootfs owned by 100000).
-    ``rlimits`` map ``RLIMIT_*`` names to (soft, hard), default NOFILE 1024.
+    ``rlimits`` map ``RLIMIT_*`` names to (soft, hard), default NOFILE 1024. With a
+    ``state_root`` of your own the container is invisible to plain ``runc list`` and to
+    ``cleanup_leftovers``.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"expected a runtime in {RUNTIMES}, found {runtime!r}")
@@ -372,7 +389,8 @@ def run_container(
             try:
                 reaper = _start_with_reaper(
                     [*command, "run", "-d", "--bundle", str(bundle.path), container_id],
-                    bundle.stdio_log, start_timeout,
+                    bundle.stdio_log,
+                    start_timeout,
                 )
             except ContainerStartError as exc:
                 exc.add_note(f"container output and runtime log: {bundle.read_stdio_log()}")
@@ -385,8 +403,14 @@ def run_container(
                 f"{state.get('status')}: {bundle.read_stdio_log()}"
             )
         yield OciContainer(
-            id=container_id, runtime=runtime, pid=pid, bundle=bundle.path,
-            rootfs=bundle.rootfs, hostname=hostname, readonly=readonly, userns=userns,
+            id=container_id,
+            runtime=runtime,
+            pid=pid,
+            bundle=bundle.path,
+            rootfs=bundle.rootfs,
+            hostname=hostname,
+            readonly=readonly,
+            userns=userns,
             state_root=state_root,
         )
     except BaseException as exc:
@@ -400,8 +424,13 @@ def run_container(
         cleanup.finish(body_error)
 
 
-def _remove_oci_container(cleanup: _Cleanup, command: Sequence[str], container_id: str,
-                          reaper: subprocess.Popen[bytes] | None, pid: int | None) -> None:
+def _remove_oci_container(
+    cleanup: _Cleanup,
+    command: Sequence[str],
+    container_id: str,
+    reaper: subprocess.Popen[bytes] | None,
+    pid: int | None,
+) -> None:
     def delete() -> None:
         result = _run([*command, "delete", "--force", container_id])
         if result.returncode != 0 and _oci_container_exists(command, container_id):
@@ -433,6 +462,7 @@ def _remove_oci_container(cleanup: _Cleanup, command: Sequence[str], container_i
 
 # -- podman ---------------------------------------------------------------------------------
 
+
 def podman_image() -> str:
     """The cached busybox rootfs as a local podman image (imported once; no registry)."""
     rootfs = container_rootfs.busybox_rootfs()
@@ -447,11 +477,16 @@ def podman_image() -> str:
             packed = _run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tarball), "."])
             if packed.returncode != 0:
                 raise ContainerError(f"tar of {rootfs}: {_text(packed)}")
-            imported = _run([
-                "podman", "import",
-                "--change", f'CMD ["{container_rootfs.IDLE_PROGRAM}"]',
-                str(tarball), tag,
-            ])
+            imported = _run(
+                [
+                    "podman",
+                    "import",
+                    "--change",
+                    f'CMD ["{container_rootfs.IDLE_PROGRAM}"]',
+                    str(tarball),
+                    tag,
+                ]
+            )
             if imported.returncode != 0:
                 raise ContainerError(f"podman import {tag}: {_text(imported)}")
     return tag
@@ -492,9 +527,25 @@ def run_podman(
     _cleanup_leftovers_once("podman")
     image = podman_image()
     name = new_container_id()
-    argv = ["podman", "run", "--detach", "--name", name, "--runtime", runtime,
-            "--pull", "never", "--network", "none", "--no-hosts", "--hostname", hostname,
-            *_podman_ulimits()]
+    argv = [
+        "podman",
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--runtime",
+        runtime,
+        "--pull",
+        "never",
+        "--cgroups",
+        "no-conmon",
+        "--network",
+        "none",
+        "--no-hosts",
+        "--hostname",
+        hostname,
+        *_podman_ulimits(),
+    ]
     if readonly:
         argv.append("--read-only")
     if userns:
@@ -503,10 +554,13 @@ def run_podman(
     for key, value in (env or {}).items():
         argv += ["--env", f"{key}={value}"]
     for mount in mounts:
-        argv += ["--mount", ",".join(
-            [f"type={mount.type}", f"source={mount.source}", f"destination={mount.destination}"]
-            + [o for o in mount.options if o != "rbind"]
-        )]
+        argv += [
+            "--mount",
+            ",".join(
+                [f"type={mount.type}", f"source={mount.source}", f"destination={mount.destination}"]
+                + [o for o in mount.options if o != "rbind"]
+            ),
+        ]
     argv += [image, *(args if args is not None else [container_rootfs.IDLE_PROGRAM, name])]
 
     cleanup = _Cleanup(f"podman container {name}")
@@ -530,14 +584,23 @@ def run_podman(
                 f"{data['State'].get('Status')}: {_text(logs)}"
             )
         yield PodmanContainer(
-            id=data["Id"], runtime=runtime, pid=pid, bundle=Path(data["StaticDir"]),
-            rootfs=Path(data["GraphDriver"]["Data"]["MergedDir"]), hostname=hostname,
-            readonly=readonly, userns=userns, name=name, image=image, inspect_data=data,
+            id=data["Id"],
+            runtime=runtime,
+            pid=pid,
+            bundle=Path(data["StaticDir"]),
+            rootfs=Path(data["GraphDriver"]["Data"]["MergedDir"]),
+            hostname=hostname,
+            readonly=readonly,
+            userns=userns,
+            name=name,
+            image=image,
+            inspect_data=data,
         )
     except BaseException as exc:
         body_error = exc
         raise
     finally:
+
         def remove() -> None:
             result = _run(["podman", "rm", "--force", "--time", "0", name])
             if result.returncode != 0 and _podman_exists(name):
@@ -566,10 +629,10 @@ def run_any(kind: str, **options: Any) -> Iterator[Container]:
     if kind not in CONTAINER_KINDS:
         raise ValueError(f"expected one of {CONTAINER_KINDS}, found {kind!r}")
     if kind.startswith("podman-"):
-        with run_podman(kind.removeprefix("podman-"), **options) as podman:  # type: ignore[arg-type]
+        with run_podman(cast(Runtime, kind.removeprefix("podman-")), **options) as podman:
             yield podman
     else:
-        with run_container(kind, **options) as container:  # type: ignore[arg-type]
+        with run_container(cast(Runtime, kind), **options) as container:
             yield container
 
 
@@ -612,7 +675,9 @@ def cleanup_leftovers(engines: Sequence[str] = ("runc", "crun", "podman")) -> li
             if match and not _pid_exists(int(match.group(1))) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(f"directory {path}")
-    if container_cgroups.workaround_status().applied and \
-            container_cgroups.release_unused_workaround():
+    if (
+        container_cgroups.workaround_status().applied
+        and container_cgroups.release_unused_workaround()
+    ):
         removed.append("the unused hugetlb workaround")
     return removed

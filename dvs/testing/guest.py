@@ -11,6 +11,11 @@ Machine: ``-nodefaults`` (no NIC, VGA, floppy drive, parallel port or default mo
 the i440fx ``pc`` chipset devices) plus exactly what we add: the serial port, a QMP socket and
 the caller's ``qemu_args``. ``-no-reboot`` and ``panic=-1`` make a guest panic end QEMU, which
 the fixture reports instead of hanging. KASLR is on unless ``kaslr=False`` (``nokaslr``).
+The CPU model defaults to TCG's ``qemu64``: vendor AuthenticAMD (so the kernel skips page
+table isolation unless ``kernel_args=["pti=on"]``), no PCID/SMEP/SMAP, 4-level paging with
+48-bit virtual addresses. ``cpu_model="max"`` offers LA57, and the Debian kernel then runs
+with 5-level paging (CR4.LA57 set, 57-bit virtual addresses) -- pick it on purpose when
+testing page-table walkers against a live guest.
 
 Serial console protocol. The fixture listens on a unix socket of its own and QEMU connects to
 it as a client (``-chardev socket,server=off``) at start-up, before the guest runs, so no
@@ -31,7 +36,9 @@ so ``cd`` or variables do not carry over; the guest kills a command at its timeo
 QMP goes over a second unix socket (``-qmp unix:...,server=on``), see ``guest_qmp``.
 ``close()`` (and leaving the ``with`` block, also by an exception) kills QEMU, waits for it,
 and removes its sockets and temporary files; an ``atexit`` hook does the same for guests a
-crashed caller forgot.
+caller forgot. If the caller dies without either (``os._exit``, as pytest-timeout does, or
+SIGKILL), QEMU gets SIGKILL from the kernel (``PR_SET_PDEATHSIG``) -- only its temporary
+directory in ``$TMPDIR`` is left behind.
 """
 
 from __future__ import annotations
@@ -42,9 +49,10 @@ import math
 import os
 import re
 import secrets
+import select
 import shutil
+import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -54,6 +62,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from dvs.errors import DvsError
+from dvs.lowlevel import sys as lowlevel_sys
 from dvs.testing.guest_kit import GuestKit, GuestKitError, guest_kit
 from dvs.testing.guest_qmp import QmpClient, QmpError
 
@@ -70,8 +79,9 @@ __all__ = [
 ]
 
 DEFAULT_BOOT_TIMEOUT = 180.0
-"""Seconds from QEMU start to the ready marker. A boot takes 3-7 s under TCG on an idle
-machine; CI runs on 2 vCPUs next to other tests, so leave a wide margin."""
+"""Seconds from QEMU start to the ready marker. Measured here: 8-13 s from QEMU start to the
+marker (the kernel itself is at init after ~3.5 s; loading the modules and QEMU's own start-up
+take the rest). CI runs on 2 vCPUs next to other tests, so leave a wide margin."""
 
 _COMMAND_GRACE = 30.0
 """Extra seconds the host waits after a command's guest-side timeout for the agent to report."""
@@ -98,6 +108,53 @@ class GuestExited(GuestError):
 
 class GuestCommandTimeout(GuestError):
     """A command did not finish within its timeout (the guest killed it)."""
+
+
+class _QemuProcess:
+    """The QEMU child, held by a pidfd, that dies with the thread that started it.
+
+    ``PR_SET_PDEATHSIG=SIGKILL`` (set by the cffi spawn helper between fork and exec, where
+    Python must not run) kills QEMU when its parent dies without cleaning up -- pytest-timeout
+    ends a hung run with ``os._exit``, which skips ``finally`` blocks and ``atexit``. The
+    signal follows the *thread* that spawned the child: start guests from a thread that
+    outlives them (the main thread in tests). The pidfd rules out signalling a recycled pid.
+    """
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        with open(log_path, "wb") as log, open(os.devnull, "rb") as devnull:
+            try:
+                self._spawned = lowlevel_sys.spawn(
+                    argv,
+                    stdio=(devnull.fileno(), log.fileno(), log.fileno()),
+                    pdeath_signal=signal.SIGKILL,
+                )
+            except OSError as exc:
+                raise GuestBootError(f"cannot start {argv[0]}: {exc}") from exc
+        self.pid = self._spawned.pid
+        self._status: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit status (``-signal`` if killed by one), or ``None`` while it runs."""
+        if self._status is None and self._spawned.pidfd >= 0:
+            info = os.waitid(os.P_PIDFD, self._spawned.pidfd, os.WEXITED | os.WNOHANG)
+            if info is not None:
+                self._status = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        return self._status
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the exit; return ``poll()``."""
+        if self.poll() is None and self._spawned.pidfd >= 0:
+            select.select([self._spawned.pidfd], [], [], timeout)
+        return self.poll()
+
+    def kill_and_reap(self, timeout: float = 30.0) -> None:
+        if self.poll() is None:
+            self._spawned.kill(signal.SIGKILL)
+            ready, _, _ = select.select([self._spawned.pidfd], [], [], timeout)
+            if not ready:
+                raise GuestError(f"QEMU pid {self.pid} survived SIGKILL for {timeout:.0f} s")
+            self.poll()
+        self._spawned.close()
 
 
 class _SerialConsole:
@@ -163,6 +220,12 @@ class _SerialConsole:
             self._connection.sendall(data)
         except OSError as exc:
             raise GuestExited(f"cannot write to the serial console: {exc}") from exc
+
+    @property
+    def closed_by_qemu(self) -> bool:
+        """QEMU closed the console: it is exiting (it closes sockets before it is reaped)."""
+        with self._changed:
+            return self._eof
 
     @property
     def size(self) -> int:
@@ -237,8 +300,8 @@ class LinuxGuest:
     ) -> None:
         """Describe a guest; nothing starts before ``start()`` or ``with``.
 
-        ``memfd_ram`` backs RAM with ``memory-backend-memfd,share=on`` (one NUMA node), as
-        vhost-user devices need. ``kernel_args`` are appended to the kernel command line and
+        ``memfd_ram`` backs RAM with ``memory-backend-memfd,id=mem,share=on`` (one NUMA node),
+        as vhost-user devices need. ``kernel_args`` are appended to the kernel command line and
         ``qemu_args`` to QEMU's. ``serial_log_path`` keeps the console log after ``close()``;
         by default it lives in the guest's temporary directory and is removed with it (the
         text stays readable through ``serial_log``).
@@ -263,10 +326,11 @@ class LinuxGuest:
         self.run_dir: Path | None = None
         self.boot_seconds: float | None = None
         """Seconds from QEMU start to the ready marker (set by ``start()``)."""
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: _QemuProcess | None = None
         self._console: _SerialConsole | None = None
         self._qmp: QmpClient | None = None
         self._command_lock = threading.Lock()
+        self._qmp_lock = threading.Lock()
         self._closed = False
         self._final_log: bytes = b""
 
@@ -359,16 +423,12 @@ class LinuxGuest:
         self._console = _SerialConsole(self.serial_socket_path, self.serial_log_path)
         started = time.monotonic()
         deadline = started + self.boot_timeout
-        with open(self.qemu_log_path, "wb") as qemu_log:
-            self._process = subprocess.Popen(
-                self.qemu_argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=qemu_log,
-                stderr=subprocess.STDOUT,
-                # Keep QEMU out of the terminal's process group: a ^C on the test run must
-                # reach the test (whose cleanup kills QEMU), not QEMU first.
-                start_new_session=True,
-            )
+        qemu_path = shutil.which(self.qemu_binary)
+        if qemu_path is None:
+            raise GuestBootError(f"{self.qemu_binary} not found (apt package qemu-system-x86)")
+        argv = self.qemu_argv()
+        argv[0] = qemu_path
+        self._process = _QemuProcess(argv, self.qemu_log_path)
         try:
             self._console.accept(deadline, self.is_running)
         except GuestBootError as exc:
@@ -404,14 +464,8 @@ class LinuxGuest:
                     _live_guests.discard(self)
 
     def _kill_qemu(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.kill()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired as exc:
-            raise GuestError(f"QEMU pid {process.pid} survived SIGKILL for 30 s") from exc
+        if self._process is not None:
+            self._process.kill_and_reap()
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -438,6 +492,8 @@ class LinuxGuest:
         parts = [f"--- last {_SERIAL_TAIL_LINES} serial console lines ---", tail or "(none)"]
         if qemu_output:
             parts += ["--- QEMU output ---", qemu_output]
+        if self.run_dir is not None:
+            parts += ["--- QEMU command line ---", " ".join(self.qemu_argv())]
         return "\n".join(parts)
 
     # --- commands ----------------------------------------------------------------------------
@@ -468,14 +524,15 @@ class LinuxGuest:
             end = console.wait_for(end_marker, start, deadline, self.is_running)
             elapsed = time.monotonic() - sent
         if end is None:
-            if not self.is_running():
+            if console.closed_by_qemu or not self.is_running():
+                status = self._process.wait(timeout=10) if self._process is not None else None
                 raise GuestExited(
-                    f"QEMU exited (status {self._process_status()}) while running "
-                    f"{command!r}\n{self._diagnostics()}"
+                    f"QEMU exited (status {status}) while running {command!r}\n"
+                    f"{self._diagnostics()}"
                 )
             raise GuestCommandTimeout(
-                f"no answer to {command!r} within {limit + _COMMAND_GRACE:.0f} s; the serial "
-                f"console is not responding\n{self._diagnostics()}"
+                f"no answer to {command!r} after {elapsed:.0f} s (timeout {limit} s); the "
+                f"serial console is not responding\n{self._diagnostics()}"
             )
         if end.group("status") is None:
             raise GuestError(f"the guest agent could not decode the request for {command!r}")
@@ -499,9 +556,6 @@ class LinuxGuest:
             raise GuestError(f"{command!r} exited with status {status}; output:\n{output}")
         return output
 
-    def _process_status(self) -> int | None:
-        return self._process.poll() if self._process is not None else None
-
     # --- QMP -----------------------------------------------------------------------------------
 
     def qmp(self, command: str, arguments: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
@@ -512,11 +566,13 @@ class LinuxGuest:
         """
         args: dict[str, Any] = dict(arguments or {})
         args.update({key.replace("_", "-"): value for key, value in kwargs.items()})
-        return self._qmp_client().execute(command, args)
+        with self._qmp_lock:
+            return self._qmp_client().execute(command, args)
 
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``info registers``) through QMP."""
-        return self._qmp_client().hmp(command_line)
+        with self._qmp_lock:
+            return self._qmp_client().hmp(command_line)
 
     def _qmp_client(self) -> QmpClient:
         if self._closed or self._process is None:

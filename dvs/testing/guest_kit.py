@@ -174,37 +174,48 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def _versioned_kernel_package() -> str:
-    """The ``linux-image-<release>`` package that the metapackage depends on."""
+def _versioned_kernel_package() -> str | None:
+    """The ``linux-image-<release>`` package that the metapackage depends on, if apt knows."""
+    try:
+        out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+    except GuestKitError:
+        return None
+    match = re.search(r"Depends:\s*(linux-image-\S+)", out)
+    return match.group(1) if match else None
 
-    def lookup() -> str | None:
+
+def _download_kernel_package(download_dir: Path) -> tuple[str, Path]:
+    """``apt-get download`` the versioned kernel package; return its name and the .deb.
+
+    A fresh machine may have no package lists, and stale lists may name a version the
+    security archive no longer serves: either way, ``apt-get update`` once and retry.
+    """
+    for attempt in range(2):
+        package = _versioned_kernel_package()
         try:
-            out = _run(["apt-cache", "depends", KERNEL_METAPACKAGE])
+            if package is None:
+                raise GuestKitError(f"apt-cache knows no dependency of {KERNEL_METAPACKAGE}")
+            # apt's sandbox user _apt cannot write into our root-owned temp dir.
+            _run(
+                ["apt-get", "download", "-o", "APT::Sandbox::User=root", package],
+                cwd=download_dir,
+            )
         except GuestKitError:
-            return None
-        match = re.search(r"Depends:\s*(linux-image-\S+)", out)
-        return match.group(1) if match else None
-
-    package = lookup()
-    if package is None:
-        # A fresh machine may have no package lists yet.
-        _run(["apt-get", "update", "-qq"])
-        package = lookup()
-    if package is None:
-        raise GuestKitError(f"apt-cache knows no dependency of {KERNEL_METAPACKAGE}")
-    return package
+            if attempt == 1:
+                raise
+            _run(["apt-get", "update", "-qq"])
+            continue
+        debs = sorted(download_dir.glob("*.deb"))
+        if len(debs) != 1:
+            raise GuestKitError(f"expected one .deb for {package} in {download_dir}: {debs}")
+        return package, debs[0]
+    raise AssertionError("unreachable: the second attempt returns or raises")
 
 
 def _build_kernel(out: Path) -> None:
-    package = _versioned_kernel_package()
     download_dir = out / "download"
     download_dir.mkdir()
-    # apt's sandbox user _apt cannot write into our root-owned temp dir; download as root.
-    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", package], cwd=download_dir)
-    debs = sorted(download_dir.glob("*.deb"))
-    if len(debs) != 1:
-        raise GuestKitError(f"expected one .deb for {package} in {download_dir}, found {debs}")
-    deb = debs[0]
+    package, deb = _download_kernel_package(download_dir)
     version = _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
     package_root = out / "package"
     _run(["dpkg-deb", "-x", str(deb), str(package_root)])

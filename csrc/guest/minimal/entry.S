@@ -14,11 +14,10 @@
  *    extension beyond that.
  *  - 64-bit interrupt delivery (no IST, same privilege): the CPU aligns RSP to 16 and pushes
  *    SS, RSP, RFLAGS, CS, RIP and, for some exceptions, an error code, on the current stack.
- *  - The return path does NOT use IRETQ: under kvm-pvm all guest kernel-mode code goes through
- *    KVM's instruction emulator, which implements IRET for real mode only. We undo the frame by
- *    hand (copy RIP and RFLAGS under the interrupted RSP, switch to it, POPFQ, RET). That is
- *    exact for same-privilege interrupts without a stack switch; it does not end NMI blocking,
- *    so a second NMI is not delivered (documented limitation).
+ *  - Under kvm-pvm every instruction the guest runs at CPL 0 is emulated by the host kernel.
+ *    Everything used here was seen to work there: far jumps into long mode, LGDT/LIDT, MOV to
+ *    CR0/CR3/CR4, WRMSR, REP STOS, INVLPG, port I/O, HLT, interrupt delivery and IRETQ
+ *    (so NMIs are unblocked again after the handler).
  */
 #include "guest_abi.h"
 
@@ -123,14 +122,33 @@ entry64:
 	jmp 4b
 
 /*
- * One stub per vector. Vectors 8, 10-14, 17, 21, 29 and 30 come with a CPU-pushed error code;
- * the others push a 0 so every frame has the same shape (struct interrupt_frame in guest.c).
+ * Where a host that rewrites the vCPU's RIP should send it (DVS_GUEST_DIVERT_ENTRY, placed by
+ * guest.ld). Only RIP is trusted: RSP may point anywhere, so take the boot stack afresh (the
+ * main loop never returns, nothing on the old stack is needed) and clear DF for C.
  */
+	.section .text.divert, "ax"
+	.globl dvs_guest_divert_entry
+dvs_guest_divert_entry:
+	cld
+	movq $boot_stack_top, %rsp
+	call dvs_guest_diverted
+5:	cli
+	hlt
+	jmp 5b
+
+	.text
+/*
+ * One stub per vector. Vectors 8, 10-14, 17, 21, 29 and 30 come with a CPU-pushed error code
+ * (bit n of ERROR_CODE_VECTORS); the others push a 0 so every frame has the same shape
+ * (struct interrupt_frame in guest.c).
+ */
+#define ERROR_CODE_VECTORS 0x60227D00
 	.macro interrupt_stub vector
 	.balign 16
 interrupt_stub_\vector:
-	.if (\vector == 8) || ((\vector >= 10) && (\vector <= 14)) || (\vector == 17) || (\vector == 21) || (\vector == 29) || (\vector == 30)
-	.else
+	.if \vector >= 32
+	pushq $0
+	.elseif ((ERROR_CODE_VECTORS >> \vector) & 1) == 0
 	pushq $0
 	.endif
 	pushq $\vector
@@ -183,27 +201,7 @@ interrupt_common:
 	popq %rbx
 	popq %rax
 	addq $16, %rsp                  /* vector and error code */
-
-	/*
-	 * Hand-made IRETQ (see the note at the top). Stack now: RIP, CS, RFLAGS, RSP, SS.
-	 * Put RIP and RFLAGS just under the interrupted RSP, keep that target RSP in the CS slot
-	 * (CS is unchanged anyway), switch to it, POPFQ, RET. The copies never overwrite a slot
-	 * that is still to be read: the frame ends at the 16-aligned interrupted RSP or below it.
-	 */
-	pushq %rax
-	pushq %rbx
-	movq 40(%rsp), %rax             /* interrupted RSP */
-	movq 16(%rsp), %rbx             /* RIP */
-	movq %rbx, -8(%rax)
-	movq 32(%rsp), %rbx             /* RFLAGS */
-	movq %rbx, -16(%rax)
-	subq $16, %rax
-	movq %rax, 24(%rsp)             /* CS slot := target RSP */
-	popq %rbx
-	popq %rax
-	movq 8(%rsp), %rsp
-	popfq                           /* restores IF; an interrupt now nests below RIP: fine */
-	ret
+	iretq
 
 /* ---- data ---- */
 	.section .rodata

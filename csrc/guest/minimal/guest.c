@@ -17,9 +17,13 @@
  *    0x11 + 2n (high: destination APIC ID in bits 24-31)). Under KVM both chips are emulated in
  *    the host kernel (QEMU's default kernel-irqchip), so a GSI raised with KVM_IRQ_LINE or an irqfd
  *    reaches them directly; in QEMU's pc routing GSI n is IOAPIC pin n except GSI 0 -> pin 2.
- *  - Everything here runs at CPL 0, which under kvm-pvm means instruction by instruction in KVM's
- *    emulator (~1 M instructions/s): keep loops short and instructions ordinary (no SSE: built
- *    with -mgeneral-regs-only; no IRETQ: see entry.S).
+ *  - LAPIC local lines: the LVT masks can be cleared only while the LAPIC is software-enabled
+ *    (SVR bit 8); KVM passes an 8259 interrupt to the vCPU only if LVT0 is unmasked ExtINT (or
+ *    the LAPIC is hardware-disabled), and QEMU's inject-nmi raises LINT1 while the LAPIC is
+ *    enabled. qboot leaves both masked, so both setup commands program them.
+ *  - Everything here runs at CPL 0, which under kvm-pvm means instruction by instruction in the
+ *    host kernel's emulator (~1 M instructions/s, ~40 k main-loop iterations/s): keep loops
+ *    short and instructions ordinary (no SSE: built with -mgeneral-regs-only).
  */
 #include <stdint.h>
 
@@ -47,6 +51,11 @@
 #define LAPIC_TPR 0x080
 #define LAPIC_EOI 0x0B0
 #define LAPIC_SVR 0x0F0
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_LVT_LINT1 0x360
+#define LAPIC_LVT_MASKED 0x10000
+#define LAPIC_LVT_EXTINT 0x700
+#define LAPIC_LVT_NMI 0x400
 #define LAPIC_ICR_LOW 0x300
 #define LAPIC_ICR_HIGH 0x310
 #define LAPIC_SVR_ENABLE 0x100
@@ -103,6 +112,7 @@ extern const u64 dvs_guest_interrupt_stubs[256];
 extern volatile u64 dvs_guest_window_pd[512];
 
 void dvs_guest_main(u32 start_info_gpa) __attribute__((noreturn));
+void dvs_guest_diverted(void) __attribute__((noreturn));
 void dvs_guest_interrupt(struct interrupt_frame *frame);
 
 static struct idt_gate idt[256] __attribute__((aligned(16)));
@@ -134,9 +144,20 @@ void *memset(void *destination, int value, unsigned long length)
 
 /* ---- port I/O and CPU helpers ---- */
 
-static inline void outb(u16 port, u8 value) { __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port)); }
-static inline void outw(u16 port, u16 value) { __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port)); }
-static inline void outl(u16 port, u32 value) { __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port)); }
+static inline void outb(u16 port, u8 value)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline void outw(u16 port, u16 value)
+{
+    __asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline void outl(u16 port, u32 value)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port));
+}
 
 static inline u8 inb(u16 port)
 {
@@ -281,14 +302,16 @@ static void pic_remap(u16 unmasked_irqs)
     outb(PIC_SLAVE_DATA, (u8)~(unmasked_irqs >> 8));
 }
 
-static void apic_setup(void)
+/* Software-enable the LAPIC and wire LINT0/LINT1 the way PC firmware does (see the top note). */
+static void lapic_enable(int accept_pic)
 {
-    pic_remap(0); /* remapped and fully masked: no stray 8259 vectors over exception numbers */
     u64 base = rdmsr(MSR_APIC_BASE);
     if (!(base & MSR_APIC_BASE_ENABLE))
         wrmsr(MSR_APIC_BASE, base | MSR_APIC_BASE_ENABLE);
-    *lapic_register(LAPIC_TPR) = 0;
     *lapic_register(LAPIC_SVR) = LAPIC_SVR_ENABLE | DVS_VECTOR_SPURIOUS;
+    *lapic_register(LAPIC_TPR) = 0;
+    *lapic_register(LAPIC_LVT_LINT0) = accept_pic ? LAPIC_LVT_EXTINT : LAPIC_LVT_MASKED;
+    *lapic_register(LAPIC_LVT_LINT1) = LAPIC_LVT_NMI;
 }
 
 static void acknowledge(u64 vector)
@@ -451,10 +474,12 @@ static u64 execute(const struct request *request, u64 *result)
         if (request->arg0 > 0xFFFF)
             return DVS_MBOX_BAD_ARGUMENT;
         pic_remap((u16)request->arg0);
+        lapic_enable(1);
         *status_word(DVS_STATUS_IRQ_MODE) = DVS_IRQ_MODE_PIC;
         return DVS_MBOX_OK;
     case DVS_CMD_APIC_SETUP:
-        apic_setup();
+        pic_remap(0); /* remapped and fully masked: no 8259 vector over an exception's */
+        lapic_enable(0);
         *status_word(DVS_STATUS_IRQ_MODE) = DVS_IRQ_MODE_APIC;
         *result = *lapic_register(LAPIC_ID) >> 24;
         return DVS_MBOX_OK;
@@ -541,6 +566,23 @@ static void report_heartbeat(void)
     put_string("\n");
 }
 
+/* Count, serve the mailbox, report now and then; forever. */
+static void __attribute__((noreturn)) main_loop(void)
+{
+    u64 last_report = rdtsc();
+    for (;;) {
+        *status_word(DVS_STATUS_HEARTBEAT) += 1;
+        u64 sequence = *mailbox_word(DVS_MAILBOX_REQUEST_SEQ);
+        if (sequence != *mailbox_word(DVS_MAILBOX_RESPONSE_SEQ))
+            serve_mailbox(sequence);
+        u64 now = rdtsc();
+        if (now - last_report >= *status_word(DVS_STATUS_REPORT_PERIOD)) {
+            last_report = now;
+            report_heartbeat();
+        }
+    }
+}
+
 void dvs_guest_main(u32 start_info_gpa)
 {
     memset((void *)DVS_GUEST_STATUS_GPA, 0, 4096);
@@ -570,17 +612,16 @@ void dvs_guest_main(u32 start_info_gpa)
     put_string(" maxphyaddr=");
     put_decimal(max_physical_address_bits);
     put_string("\n");
+    main_loop();
+}
 
-    u64 last_report = rdtsc();
-    for (;;) {
-        *status_word(DVS_STATUS_HEARTBEAT) += 1;
-        u64 sequence = *mailbox_word(DVS_MAILBOX_REQUEST_SEQ);
-        if (sequence != *mailbox_word(DVS_MAILBOX_RESPONSE_SEQ))
-            serve_mailbox(sequence);
-        u64 now = rdtsc();
-        if (now - last_report >= *status_word(DVS_STATUS_REPORT_PERIOD)) {
-            last_report = now;
-            report_heartbeat();
-        }
-    }
+/* Reached through DVS_GUEST_DIVERT_ENTRY when the host rewrote RIP; the loop goes on. */
+void dvs_guest_diverted(void)
+{
+    u64 diversions = *status_word(DVS_STATUS_DIVERSIONS) + 1;
+    *status_word(DVS_STATUS_DIVERSIONS) = diversions;
+    put_string("DVS-GUEST diverted count=");
+    put_decimal(diversions);
+    put_string("\n");
+    main_loop();
 }

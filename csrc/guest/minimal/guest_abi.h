@@ -11,12 +11,18 @@
  *    response fields first and `response_seq` last. Each side polls only the other's seq word,
  *    then reads the rest. Seq words are naturally aligned u64s, read and written whole.
  *
- * This header is included by the guest (C and assembly) and mirrored by dvs/testing/kvm_guest.py;
- * a test compares the two. Keep it free of C-only syntax outside `#ifndef __ASSEMBLER__`.
+ * This header is included by the guest's C and assembly and mirrored by dvs/testing/kvm_guest.py;
+ * a test compares the two. entry.S uses only the plain-integer address macros (the ULL suffixes
+ * of the magic values are C-only).
  *
  * Guest-physical memory map (RAM >= 16 MiB):
- *   0x0000_0000 - 0x000F_FFFF  firmware: real-mode IVT, BDA, SeaBIOS, the PVH start info. Unused.
+ *   0x0000_0000 - 0x000F_FFFF  firmware (qboot or SeaBIOS), IVT, BDA, the PVH start info. Unused.
  *   0x0010_0000 - 0x001F_FFFF  the guest image (PVH note, code, data, page tables, stack).
+ *   0x0010_1000                divert entry (DVS_GUEST_DIVERT_ENTRY): point vCPU RIP here (e.g.
+ *                              KVM_SET_REGS) and the guest prints a line, counts the
+ *                              diversion and resumes its main loop on a fresh stack
+ *                              (a mailbox request cut short is then served again). Divert
+ *                              from the main loop, not from inside an interrupt handler.
  *   0x0020_0000                status page  (DVS_GUEST_STATUS_GPA, 4 KiB), written by the guest.
  *   0x0020_1000                mailbox page (DVS_GUEST_MAILBOX_GPA, 4 KiB), shared.
  *   0x0030_0000 - 0x003F_FFFF  scratch (DVS_GUEST_SCRATCH_GPA, 1 MiB): the guest never touches
@@ -36,6 +42,7 @@
 #define DVS_GUEST_SCRATCH_GPA  0x00300000
 #define DVS_GUEST_SCRATCH_SIZE 0x00100000
 #define DVS_GUEST_WINDOW_VA    0x0000008000000000 /* PML4 slot 1: 512 GiB */
+#define DVS_GUEST_DIVERT_ENTRY 0x00101000 /* identity-mapped: GPA == GVA (guest.ld asserts) */
 
 /* The first line every boot prints once long mode, serial, status page and mailbox are up. */
 #define DVS_GUEST_READY_MARKER "DVS-MINIMAL-GUEST-READY"
@@ -44,7 +51,7 @@
 #define DVS_STATUS_MAGIC_VALUE 0x5355544154535644ULL /* "DVSTATUS" in little-endian bytes */
 #define DVS_STATUS_MAGIC            0x000 /* u64 DVS_STATUS_MAGIC_VALUE once the page is valid */
 #define DVS_STATUS_HEARTBEAT        0x008 /* u64 incremented on every main-loop iteration */
-#define DVS_STATUS_REPORT_PERIOD    0x010 /* u64 TSC ticks between serial heartbeat lines; host-writable */
+#define DVS_STATUS_REPORT_PERIOD    0x010 /* u64 TSC ticks between heartbeat lines (host may set) */
 #define DVS_STATUS_REPORTS          0x018 /* u64 heartbeat lines printed so far */
 #define DVS_STATUS_PVH_START_INFO   0x020 /* u64 EBX at entry: GPA of the hvm_start_info */
 #define DVS_STATUS_MAXPHYADDR       0x028 /* u64 CPUID 0x80000008 EAX[7:0] */
@@ -55,6 +62,7 @@
 #define DVS_STATUS_FAULT_RIP        0x050 /* u64 faulting RIP */
 #define DVS_STATUS_FAULT_CR2        0x058 /* u64 CR2 at the fault */
 #define DVS_STATUS_IRQ_MODE         0x060 /* u64 DVS_IRQ_MODE_* currently configured */
+#define DVS_STATUS_DIVERSIONS       0x068 /* u64 times the divert entry ran */
 #define DVS_STATUS_IRQ_COUNTS       0x800 /* u64[256]: interrupts taken per vector */
 
 /* ---- mailbox page ---- */
@@ -77,8 +85,11 @@
 #define DVS_CMD_PORT_IN     4  /* arg0 port, arg1 width -> result = value */
 #define DVS_CMD_PORT_OUT    5  /* arg0 port, arg1 value, arg2 width */
 #define DVS_CMD_PIC_SETUP   6  /* arg0 unmask bits (bit n = ISA IRQ n): 8259 pair remapped to
-                                  vectors 0x20-0x2F, EOI by port; LAPIC/IOAPIC left alone */
-#define DVS_CMD_APIC_SETUP  7  /* mask both 8259s, software-enable the LAPIC (spurious 0xFF) */
+                                  vectors 0x20-0x2F, EOI by port; LAPIC enabled with LINT0 =
+                                  ExtINT (so the PIC reaches the vCPU), LINT1 = NMI */
+#define DVS_CMD_APIC_SETUP  7  /* remap + mask both 8259s, LAPIC enabled (spurious 0xFF,
+                                  LINT0 masked, LINT1 = NMI) -> result = LAPIC ID; IOAPIC pins
+                                  stay masked until IOAPIC_ROUTE */
 #define DVS_CMD_IOAPIC_ROUTE 8 /* arg0 pin, arg1 vector (0x30-0xEF), arg2 DVS_ROUTE_* flags:
                                   program+unmask the redirection entry to the boot CPU;
                                   result = the entry's previous low dword */
