@@ -166,8 +166,9 @@ def main() -> int:
                                 out = guest.check(cmd, timeout=600)
                                 value = float(json.loads(out.strip().splitlines()[-1])[metric])
                                 results[test][disk].append(value)
-                                print(f"round {rnd + 1} {test:22} {disk:5} {value:10.1f} "
-                                      f"{'MB/s' if metric == 'mb_per_s' else 'IOPS'}", flush=True)  # fmt: skip
+                                unit = "MB/s" if metric == "mb_per_s" else "IOPS"
+                                line = f"round {rnd + 1} {test:22} {disk:5} {value:10.1f} {unit}"
+                                print(line, flush=True)
                 stats = server.stats()
         finally:
             qsd.terminate()
@@ -182,8 +183,9 @@ def main() -> int:
         med = {d: statistics.median(results[test][d]) for d in DISKS}
         summary[test] = med
         unit = "MB/s" if metric == "mb_per_s" else "IOPS"
-        print(f"{test + ' (' + unit + ')':24}{med['dvs']:12.1f}{med['qsd']:12.1f}"
-              f"{med['qemu']:12.1f}{med['dvs'] / med['qsd']:10.2f}{med['dvs'] / med['qemu']:10.2f}")  # fmt: skip
+        dvs, qsd, qemu = med["dvs"], med["qsd"], med["qemu"]
+        label = f"{test} ({unit})"
+        print(f"{label:24}{dvs:12.1f}{qsd:12.1f}{qemu:12.1f}{dvs / qsd:10.2f}{dvs / qemu:10.2f}")
     print(f"dvs server: {stats.blk.requests} requests, {stats.vhost.kicks} kicks, "
           f"{stats.vhost.calls} interrupts, errors {stats.blk.errors}")  # fmt: skip
     if args.json:

@@ -632,7 +632,7 @@ int dvs_blk_process(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_gue
 	int ret = 0;
 	resubmit_deferred(blk);
 	if (blk->deferred_head) {
-		result->more = 1;
+		result->stalled = 1;
 		goto out;
 	}
 	/* A guest that keeps the ring full must not keep this thread here forever. */
@@ -644,7 +644,7 @@ int dvs_blk_process(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_gue
 		while (budget) {
 			struct blk_req *r = get_slot(blk);
 			if (!r) {
-				result->more = 1;
+				result->stalled = 1;
 				goto out;
 			}
 			ret = dvs_vq_pop(vq, mem, &r->chain);
@@ -660,7 +660,7 @@ int dvs_blk_process(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_gue
 			result->handled++;
 			budget--;
 			if (start_request(r) == -EAGAIN) {
-				result->more = 1;
+				result->stalled = 1;
 				ret = 0;
 				goto out;
 			}

@@ -102,7 +102,8 @@ struct dvs_blk_result {
 	uint32_t handled;    /* requests popped */
 	uint32_t completed;  /* requests pushed back to the used ring */
 	uint32_t notify;     /* 1: send the driver a used-buffer notification */
-	uint32_t more;       /* 1: stopped early (budget or backend full); call again */
+	uint32_t more;       /* 1: stopped at the budget; call again soon */
+	uint32_t stalled;    /* 1: the backend is full; call again after dvs_blk_poll() */
 };
 
 struct dvs_blk;

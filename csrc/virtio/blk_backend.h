@@ -33,6 +33,11 @@ struct dvs_blk_backend;
 
 /* A backend over an open file or block device; the fd stays the caller's. */
 int dvs_blk_backend_file(int fd, uint32_t flags, struct dvs_blk_backend **out);
+/* The same file I/O with the completion model of an asynchronous engine: submit() queues
+ * (at most `depth` operations, then -EAGAIN), an eventfd fires, poll() performs the queued
+ * operations and completes them. Exercises the device's asynchronous paths (deferral,
+ * completion from poll, draining) until the shared io_uring engine plugs in. */
+int dvs_blk_backend_file_deferred(int fd, uint32_t depth, struct dvs_blk_backend **out);
 /* Size of the backing store in bytes. */
 int64_t dvs_blk_backend_size(struct dvs_blk_backend *be);
 const char *dvs_blk_backend_name(const struct dvs_blk_backend *be);

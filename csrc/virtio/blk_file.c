@@ -18,16 +18,24 @@
 #include <linux/fs.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "virtio/blk_backend.h"
 
+#define DEFERRED_MAX 256
+
 struct file_backend {
 	struct dvs_blk_backend base;
 	int fd;
 	uint32_t flags;
+	/* deferred mode: a FIFO of accepted, not yet performed operations */
+	int efd;
+	uint32_t depth;
+	uint32_t head, count;
+	struct dvs_blk_io *pending[DEFERRED_MAX];
 };
 
 /* Transfer all of iov[0..cnt) at offset; advances a private copy of the iovecs on short
@@ -162,7 +170,44 @@ static int file_event_fd(struct dvs_blk_backend *be)
 
 static void file_destroy(struct dvs_blk_backend *be)
 {
+	struct file_backend *fb = (struct file_backend *)be;
+	if (fb->efd >= 0)
+		close(fb->efd);
 	free(be);
+}
+
+static int deferred_submit(struct dvs_blk_backend *be, struct dvs_blk_io *io)
+{
+	struct file_backend *fb = (struct file_backend *)be;
+	if (fb->count == fb->depth)
+		return -EAGAIN; /* full: the device keeps the request and retries */
+	fb->pending[(fb->head + fb->count) % DEFERRED_MAX] = io;
+	fb->count++;
+	uint64_t one = 1;
+	if (write(fb->efd, &one, sizeof(one)) < 0)
+		return -errno;
+	return 0;
+}
+
+static int deferred_poll(struct dvs_blk_backend *be, int wait)
+{
+	struct file_backend *fb = (struct file_backend *)be;
+	uint64_t ignored;
+	(void)!read(fb->efd, &ignored, sizeof(ignored)); /* non-blocking: clears the signal */
+	/* Only what was queued on entry: done() may submit follow-up operations. */
+	uint32_t n = fb->count;
+	for (uint32_t i = 0; i < n; i++) {
+		struct dvs_blk_io *io = fb->pending[fb->head];
+		fb->head = (fb->head + 1) % DEFERRED_MAX;
+		fb->count--;
+		io->done(io, file_do(fb, io));
+	}
+	return (int)n;
+}
+
+static int deferred_event_fd(struct dvs_blk_backend *be)
+{
+	return ((struct file_backend *)be)->efd;
 }
 
 static const struct dvs_blk_backend_ops file_ops = {
@@ -170,6 +215,15 @@ static const struct dvs_blk_backend_ops file_ops = {
 	.submit = file_submit,
 	.poll = NULL,
 	.event_fd = file_event_fd,
+	.size = file_size,
+	.destroy = file_destroy,
+};
+
+static const struct dvs_blk_backend_ops deferred_ops = {
+	.name = "file-deferred",
+	.submit = deferred_submit,
+	.poll = deferred_poll,
+	.event_fd = deferred_event_fd,
 	.size = file_size,
 	.destroy = file_destroy,
 };
@@ -184,12 +238,32 @@ int dvs_blk_backend_file(int fd, uint32_t flags, struct dvs_blk_backend **out)
 	fb->base.ops = &file_ops;
 	fb->fd = fd;
 	fb->flags = flags;
+	fb->efd = -1;
 	int64_t size = file_size(&fb->base);
 	if (size < 0) {
 		free(fb);
 		return (int)size;
 	}
 	*out = &fb->base;
+	return 0;
+}
+
+int dvs_blk_backend_file_deferred(int fd, uint32_t depth, struct dvs_blk_backend **out)
+{
+	if (depth == 0 || depth > DEFERRED_MAX)
+		return -EINVAL;
+	int err = dvs_blk_backend_file(fd, 0, out);
+	if (err)
+		return err;
+	struct file_backend *fb = (struct file_backend *)*out;
+	fb->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (fb->efd < 0) {
+		err = -errno;
+		free(fb);
+		return err;
+	}
+	fb->base.ops = &deferred_ops;
+	fb->depth = depth;
 	return 0;
 }
 

@@ -297,6 +297,7 @@ static int cmp_region(const void *a, const void *b)
 }
 
 static int start_queue(struct dvs_vu *vu, struct conn *c, uint32_t index);
+static void drain_queue(struct dvs_vu *vu, struct vu_queue *q);
 
 static int set_mem_table(struct dvs_vu *vu, struct conn *c, const uint8_t *p, uint32_t size,
 			 int *fds, int n_fds)

@@ -47,8 +47,7 @@ BLK_REQUEST_RULE_NAMES: dict[int, str] = {
 }
 
 VHOST_USER_ERROR_NAMES: dict[int, str] = {
-    code: ffi.string(lib.dvs_vu_error_name(code)).decode()
-    for code in range(1, lib.DVS_VU_ERR_MAX)
+    code: ffi.string(lib.dvs_vu_error_name(code)).decode() for code in range(1, lib.DVS_VU_ERR_MAX)
 }
 
 
@@ -188,6 +187,9 @@ class BlkResult:
     completed: int
     notify: bool
     more: bool
+    """Stopped at the per-call budget: call ``process`` again."""
+    stalled: bool
+    """The backend is full: call ``process`` again after ``poll`` completed something."""
 
 
 @dataclass(frozen=True)
@@ -221,12 +223,18 @@ class BlkDevice:
         num_queues: int = 1,
         seg_max: int = 0,
         direct: bool = False,
+        deferred_depth: int = 0,
     ) -> None:
+        """``deferred_depth`` > 0 completes I/O asynchronously (from ``poll()``), at most
+        that many operations in flight, as an asynchronous engine would."""
         if len(device_id) > lib.DVS_VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"device id {device_id!r} is longer than 20 bytes")
         backend = ffi.new("struct dvs_blk_backend **")
-        flags = lib.DVS_BLK_FILE_DIRECT if direct else 0
-        check(lib.dvs_blk_backend_file(fd, flags, backend), "block backend")
+        if deferred_depth:
+            ret = lib.dvs_blk_backend_file_deferred(fd, deferred_depth, backend)
+        else:
+            ret = lib.dvs_blk_backend_file(fd, lib.DVS_BLK_FILE_DIRECT if direct else 0, backend)
+        check(ret, "block backend")
         cfg = ffi.new("struct dvs_blk_config *")
         cfg.capacity = capacity_sectors
         cfg.read_only = int(read_only)
@@ -238,6 +246,7 @@ class BlkDevice:
         self._blk = ffi.gc(out[0], lib.dvs_blk_destroy)
         self._result = ffi.new("struct dvs_blk_result *")
         self.read_only = read_only
+        self._deferred = bool(deferred_depth)
 
     @property
     def c_handle(self) -> object:
@@ -265,7 +274,17 @@ class BlkDevice:
         r = self._result
         ret = lib.dvs_blk_process(self._blk, queue.c_handle, queue.mem.c_handle, r)
         queue._check(ret, "virtio-blk process")
-        return BlkResult(int(r.handled), int(r.completed), bool(r.notify), bool(r.more))
+        return BlkResult(
+            int(r.handled), int(r.completed), bool(r.notify), bool(r.more), bool(r.stalled)
+        )
+
+    def poll(self, wait: bool = False) -> int:
+        """Complete finished asynchronous I/O (pushing used buffers); returns how many."""
+        return check(lib.dvs_blk_poll(self._blk, int(wait)), "virtio-blk poll")
+
+    @property
+    def backend_name(self) -> str:
+        return "deferred" if self._deferred else "sync"
 
     def stats(self) -> BlkStats:
         s = ffi.new("struct dvs_blk_stats *")

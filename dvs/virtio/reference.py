@@ -316,9 +316,7 @@ class MockDriver:
     size: int = 256
     base: int = 0x1000
     span: int = 1 << 20
-    features: int = (
-        1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX
-    )
+    features: int = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX
     desc: int = field(init=False)
     avail: int = field(init=False)
     used: int = field(init=False)
@@ -363,7 +361,7 @@ class MockDriver:
     def free_descriptors(self) -> int:
         return len(self._free)
 
-    # --- raw writes (what any driver, hostile or not, can do) --------------------------------------
+    # --- raw writes (what any driver, hostile or not, can do) ---------------------------------
 
     def write_desc(self, index: int, addr: int, length: int, flags: int, next: int = 0) -> None:
         self.mem.write(self.desc + 16 * index, Descriptor(addr, length, flags, next).pack())
@@ -417,6 +415,8 @@ class MockDriver:
             elements.append((gpa, length, True))
         if not elements:
             raise ValueError("a chain needs at least one buffer")
+        if len(elements) > self.size:
+            raise ValueError("a chain may not be longer than the queue size (§2.7.5.3.1)")
         if indirect:
             table = self.alloc(16 * len(elements))
             for i, (gpa, length, is_writable) in enumerate(elements):

@@ -67,12 +67,16 @@ class BlkServer:
         read_only: bool = False,
         device_id: str = "dvs",
         num_queues: int = 1,
+        deferred_depth: int = 0,
     ) -> None:
+        """``deferred_depth`` > 0 completes disk I/O asynchronously through the backend's
+        completion path (see ``BlkDevice``); 0 performs it synchronously."""
         self.image = Path(image)
         self.socket_path = Path(socket_path)
         self.read_only = read_only
         self.device_id = device_id.encode()
         self.num_queues = num_queues
+        self.deferred_depth = deferred_depth
         self._fd = -1
         self._stop_fd = -1
         self._listener: socket.socket | None = None
@@ -121,6 +125,7 @@ class BlkServer:
             read_only=self.read_only,
             device_id=self.device_id,
             num_queues=self.num_queues,
+            deferred_depth=self.deferred_depth,
         )
         if self._device.capacity_sectors == 0:
             raise ServerError(f"{self.image} is smaller than one 512-byte sector")
@@ -149,7 +154,7 @@ class BlkServer:
         assert self._listener is not None and self._backend is not None
         try:
             while True:
-                ready, _, _ = select.select([self._listener, self._stop_fd], [], [])
+                ready, _, _ = select.select([self._listener.fileno(), self._stop_fd], [], [])
                 if self._stop_fd in ready:
                     return
                 connection, _ = self._listener.accept()

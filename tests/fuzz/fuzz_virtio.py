@@ -77,9 +77,7 @@ def observe(model: Any, mem: GuestMemory, layout: dict[str, int], max_segs: int)
     try:
         while len(chains) < 256 and (chain := queue.pop()) is not None:
             chains.append(chain)
-            out.append(
-                (chain.head, tuple((s.gpa, s.length, s.writable) for s in chain.segments))
-            )
+            out.append((chain.head, tuple((s.gpa, s.length, s.writable) for s in chain.segments)))
     except (VirtqueueBroken, reference.QueueBroken) as exc:
         out.append(("broken", exc.rule_id, exc.detail))
     half = len(chains) // 2

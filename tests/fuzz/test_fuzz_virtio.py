@@ -46,7 +46,9 @@ def test_seeds_are_guests_with_work_for_the_device(tmp_path: Path) -> None:
         assert case is not None
         image, layout, max_segs = case
         fuzz_virtio.MEMORIES[0].write(0, image)
-        observed = fuzz_virtio.observe(fuzz_virtio.VirtQueue, fuzz_virtio.MEMORIES[0], layout, max_segs)
+        observed = fuzz_virtio.observe(
+            fuzz_virtio.VirtQueue, fuzz_virtio.MEMORIES[0], layout, max_segs
+        )
         assert len([o for o in observed if isinstance(o, tuple) and isinstance(o[0], int)]) >= 4
         fuzz_virtio.test_one_input(seed)  # C and reference agree on it
 

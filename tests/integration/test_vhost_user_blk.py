@@ -64,10 +64,14 @@ def sock(tmp_path: Path) -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize("deferred_depth", [0, 4], ids=["sync-backend", "deferred-completion"])
 def test_guest_makes_ext4_on_the_dvs_disk_and_both_sides_see_the_same_files(
-    image: Path, sock: Path, tmp_path: Path
+    image: Path, sock: Path, tmp_path: Path, deferred_depth: int
 ) -> None:
-    with BlkServer(image, sock, device_id="dvs-it-disk") as server:
+    """With the synchronous backend, and with completions arriving later from the backend's
+    event fd with at most 4 operations in flight (the asynchronous engine's model)."""
+    server_cm = BlkServer(image, sock, device_id="dvs-it-disk", deferred_depth=deferred_depth)
+    with server_cm as server:
         with LinuxGuest(memfd_ram=True, qemu_args=_qemu_disk_args(sock)) as guest:
             dev = _disk_named(guest, "dvs-it-disk")
             assert guest.check(f"cat /sys/block/{dev[5:]}/size").strip() == str(DISK_MIB * 2048)
@@ -113,6 +117,8 @@ def test_guest_makes_ext4_on_the_dvs_disk_and_both_sides_see_the_same_files(
     assert blk.flushes > 0  # ext4's journal commits ask for them
     assert blk.discards > 0  # fstrim
     assert blk.bytes_written >= 48 * 65536 and blk.bytes_read >= 300_000
+    if deferred_depth:
+        assert blk.deferred > 0  # the guest had more in flight than the backend took
     assert _host("e2fsck", "-f", "-n", str(image)).returncode == 0
 
 
@@ -135,7 +141,9 @@ def test_the_cli_serves_a_read_only_disk(image: Path, sock: Path) -> None:
         with LinuxGuest(memfd_ram=True, qemu_args=_qemu_disk_args(sock)) as guest:
             dev = _disk_named(guest, "dvs-ro")
             assert guest.check(f"cat /sys/block/{dev[5:]}/ro").strip() == "1"
-            got = guest.check(f"dd if={dev} bs=1M skip=4 count=1 iflag=direct 2>/dev/null | sha256sum")
+            got = guest.check(
+                f"dd if={dev} bs=1M skip=4 count=1 iflag=direct 2>/dev/null | sha256sum"
+            )
             assert got.split()[0] == hashlib.sha256(pattern).hexdigest()
             status, _ = guest.run(f"dd if=/dev/zero of={dev} bs=4k count=1 oflag=direct")
             assert status != 0  # the kernel refuses: the device said VIRTIO_BLK_F_RO

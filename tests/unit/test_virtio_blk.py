@@ -63,9 +63,13 @@ class Rig:
         used = {u.id: u.length for u in self.driver.reap()}
         return [(used[s.head], self.driver.read_writable(s)) for s in subs]
 
-    def request(self, rtype: int, sector: int = 0, data: bytes = b"", read: int = 0) -> tuple[int, bytes]:
-        sub = self.submit([blk_header(rtype, sector), *([data] if data else [])], [*([read] if read else []), 1])
-        used_len, out = self.run(sub)[0]
+    def request(
+        self, rtype: int, sector: int = 0, data: bytes = b"", read: int = 0
+    ) -> tuple[int, bytes]:
+        sub = self.submit(
+            [blk_header(rtype, sector), *([data] if data else [])], [*([read] if read else []), 1]
+        )
+        _, out = self.run(sub)[0]
         return out[-1], out[:-1]
 
 
@@ -112,7 +116,7 @@ def test_write_then_read_back_through_the_file(rig: Rig, disk: Path) -> None:
 def test_a_read_lands_in_many_scattered_buffers_with_a_split_header(rig: Rig, disk: Path) -> None:
     header = blk_header(BLK_T_IN, sector=3)
     sub = rig.submit([header[:5], header[5:11], header[11:]], [512, 1000, 24, 1], indirect=True)
-    (used_len, out), = rig.run(sub)
+    ((used_len, out),) = rig.run(sub)
     assert used_len == 1537 and out[-1] == BLK_S_OK
     assert out[:-1] == disk.read_bytes()[3 * 512 : 3 * 512 + 1536]
 
@@ -139,7 +143,10 @@ def test_discard_and_write_zeroes_read_back_as_zeroes(rig: Rig, disk: Path) -> N
     assert content[1024 * 512 : 1032 * 512] == bytes(4096)
     assert content[256 * 512 : 257 * 512] != bytes(512)
     for flags in (0, 1):  # with and without "may unmap"
-        assert rig.request(BLK_T_WRITE_ZEROES, data=blk_range(2000 + flags * 100, 16, flags))[0] == BLK_S_OK
+        assert (
+            rig.request(BLK_T_WRITE_ZEROES, data=blk_range(2000 + flags * 100, 16, flags))[0]
+            == BLK_S_OK
+        )
         start = (2000 + flags * 100) * 512
         assert disk.read_bytes()[start : start + 8192] == bytes(8192)
     assert disk.stat().st_size == DISK
@@ -149,20 +156,75 @@ def test_discard_and_write_zeroes_read_back_as_zeroes(rig: Rig, disk: Path) -> N
 @pytest.mark.parametrize(
     ("request_parts", "writable", "status", "rule"),
     [
-        ([blk_header(BLK_T_IN, 0)], [100, 1], BLK_S_IOERR, "data length is not a multiple of 512 bytes"),
-        ([blk_header(BLK_T_IN, DISK // 512 - 1)], [1024, 1], BLK_S_IOERR, "sector range ends beyond the capacity"),
-        ([blk_header(BLK_T_IN, 2**64 - 1)], [512, 1], BLK_S_IOERR, "sector range ends beyond the capacity"),
-        ([blk_header(BLK_T_OUT, 0), b"x" * 512], [512, 1], BLK_S_IOERR, "data buffers have the wrong direction for the type"),
-        ([blk_header(BLK_T_IN, 0), b"x" * 512], [512, 1], BLK_S_IOERR, "data buffers have the wrong direction for the type"),
+        (
+            [blk_header(BLK_T_IN, 0)],
+            [100, 1],
+            BLK_S_IOERR,
+            "data length is not a multiple of 512 bytes",
+        ),
+        (
+            [blk_header(BLK_T_IN, DISK // 512 - 1)],
+            [1024, 1],
+            BLK_S_IOERR,
+            "sector range ends beyond the capacity",
+        ),
+        (
+            [blk_header(BLK_T_IN, 2**64 - 1)],
+            [512, 1],
+            BLK_S_IOERR,
+            "sector range ends beyond the capacity",
+        ),
+        (
+            [blk_header(BLK_T_OUT, 0), b"x" * 512],
+            [512, 1],
+            BLK_S_IOERR,
+            "data buffers have the wrong direction for the type",
+        ),
+        (
+            [blk_header(BLK_T_IN, 0), b"x" * 512],
+            [512, 1],
+            BLK_S_IOERR,
+            "data buffers have the wrong direction for the type",
+        ),
         ([blk_header(99, 0)], [1], BLK_S_UNSUPP, "unsupported request type"),
         ([b"short"], [1], BLK_S_IOERR, "fewer than 16 device-readable header bytes"),
         ([blk_header(BLK_T_GET_ID)], [8, 1], BLK_S_IOERR, "GET_ID data is not 20 bytes"),
-        ([blk_header(BLK_T_DISCARD), b"x" * 20], [1], BLK_S_IOERR, "range data is not a positive multiple of 16 bytes"),
-        ([blk_header(BLK_T_DISCARD), blk_range(0, 8, 1)], [1], BLK_S_UNSUPP, "unmap flag set on a discard range"),
-        ([blk_header(BLK_T_WRITE_ZEROES), blk_range(0, 8, 6)], [1], BLK_S_UNSUPP, "reserved range flag bits set"),
-        ([blk_header(BLK_T_DISCARD), blk_range(DISK // 512 - 4, 8)], [1], BLK_S_IOERR, "sector range ends beyond the capacity"),
-        ([blk_header(BLK_T_DISCARD), blk_range(0, 1 << 30)], [1], BLK_S_IOERR, "range longer than the device's sector limit"),
-        ([blk_header(BLK_T_DISCARD), blk_range(0, 1) * 17], [1], BLK_S_IOERR, "more ranges than the device's segment limit"),
+        (
+            [blk_header(BLK_T_DISCARD), b"x" * 20],
+            [1],
+            BLK_S_IOERR,
+            "range data is not a positive multiple of 16 bytes",
+        ),
+        (
+            [blk_header(BLK_T_DISCARD), blk_range(0, 8, 1)],
+            [1],
+            BLK_S_UNSUPP,
+            "unmap flag set on a discard range",
+        ),
+        (
+            [blk_header(BLK_T_WRITE_ZEROES), blk_range(0, 8, 6)],
+            [1],
+            BLK_S_UNSUPP,
+            "reserved range flag bits set",
+        ),
+        (
+            [blk_header(BLK_T_DISCARD), blk_range(DISK // 512 - 4, 8)],
+            [1],
+            BLK_S_IOERR,
+            "sector range ends beyond the capacity",
+        ),
+        (
+            [blk_header(BLK_T_DISCARD), blk_range(0, 1 << 30)],
+            [1],
+            BLK_S_IOERR,
+            "range longer than the device's sector limit",
+        ),
+        (
+            [blk_header(BLK_T_DISCARD), blk_range(0, 1) * 17],
+            [1],
+            BLK_S_IOERR,
+            "more ranges than the device's segment limit",
+        ),
     ],
 )
 def test_malformed_requests_get_an_error_status_and_the_disk_is_untouched(
@@ -170,7 +232,7 @@ def test_malformed_requests_get_an_error_status_and_the_disk_is_untouched(
 ) -> None:
     before = hashlib.sha256(disk.read_bytes()).digest()
     sub = rig.submit(request_parts, writable)
-    (_, out), = rig.run(sub)
+    ((_, out),) = rig.run(sub)
     assert out[-1] == status
     assert rig.device.stats().request_rules == {rule: 1}
     assert hashlib.sha256(disk.read_bytes()).digest() == before
@@ -180,7 +242,7 @@ def test_malformed_requests_get_an_error_status_and_the_disk_is_untouched(
 
 def test_a_request_without_room_for_a_status_is_returned_with_length_zero(rig: Rig) -> None:
     sub = rig.submit([blk_header(BLK_T_FLUSH)], [])
-    (used_len, _), = rig.run(sub)
+    ((used_len, _),) = rig.run(sub)
     assert used_len == 0
     assert rig.device.stats().request_rules == {"no device-writable byte for the status": 1}
 
@@ -247,3 +309,45 @@ def test_requests_in_another_process_memory_go_through_the_bounce_buffer(disk: P
             assert rig.request(BLK_T_GET_ID, read=20)[1].startswith(b"dvs-test-disk")
         finally:
             rig.close()
+
+
+def test_asynchronous_completion_hands_requests_back_when_the_backend_is_full(disk: Path) -> None:
+    """The completion model of an asynchronous engine: the backend takes two operations at a
+    time and completes them later from poll(); the device defers the rest and retries."""
+    fd = os.open(disk, os.O_RDWR)
+    mem = GuestMemory.local(16 << 20)
+    try:
+        device = BlkDevice(fd, deferred_depth=2)
+        driver = MockDriver(mem, size=32, span=12 << 20)
+        queue = VirtQueue(mem, **driver.layout, max_segs=device.max_segs)
+        payloads = [os.urandom(4096) for _ in range(3)]
+        subs = [
+            driver.add([blk_header(BLK_T_OUT, 100 + 8 * i), p], [1]) for i, p in enumerate(payloads)
+        ]
+        ranges = blk_range(0, 8) + blk_range(16, 8) + blk_range(32, 8)
+        subs.append(driver.add([blk_header(BLK_T_DISCARD), ranges], [1]))
+        subs += [driver.add([blk_header(BLK_T_IN, 100 + 8 * i)], [4096, 1]) for i in range(3)]
+
+        first = device.process(queue)
+        assert first.stalled and first.completed == 0  # accepted two, handed the third back
+        assert device.stats().deferred >= 1
+        done = 0
+        for _ in range(50):
+            done += device.poll()
+            result = device.process(queue)
+            if not result.stalled and device.stats().in_flight == 0:
+                break
+        else:
+            pytest.fail("the deferred requests never completed")
+        assert driver.used_idx() == len(subs)
+        assert queue.should_notify()
+        statuses = [driver.read_writable(s)[-1] for s in subs]
+        assert statuses == [BLK_S_OK] * len(subs)
+        for i, p in enumerate(payloads):
+            assert driver.read_writable(subs[4 + i])[:-1] == p
+        content = disk.read_bytes()
+        for sector in (0, 16, 32):  # all three ranges of the discard ran
+            assert content[sector * 512 : (sector + 8) * 512] == bytes(4096)
+        assert device.poll(wait=True) == 0  # nothing left in flight
+    finally:
+        os.close(fd)

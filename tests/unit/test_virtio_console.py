@@ -65,7 +65,9 @@ def test_output_and_input_over_pipes(pipes: tuple[int, int, int, int]) -> None:
     result = device.receive(guest.rx)
     assert result.completed >= 1 and result.blocked
     used = guest.rx_driver.reap()
-    got = b"".join(guest.rx_driver.read_writable(s)[: u.length] for s, u in zip(posted, used, strict=False))
+    got = b"".join(
+        guest.rx_driver.read_writable(s)[: u.length] for s, u in zip(posted, used, strict=False)
+    )
     assert got == b"typed input!"
     stats = device.stats()
     assert (stats.tx_bytes, stats.rx_bytes) == (12, 12)
@@ -74,7 +76,7 @@ def test_output_and_input_over_pipes(pipes: tuple[int, int, int, int]) -> None:
 def test_a_full_host_end_throttles_the_guest_without_losing_bytes(
     pipes: tuple[int, int, int, int],
 ) -> None:
-    in_w, in_r, out_w, out_r = pipes
+    _, in_r, out_w, out_r = pipes
     device = ConsoleDevice(in_r, out_w)
     guest = Guest(device)
     chunk = os.urandom(32 << 10)
@@ -110,7 +112,7 @@ def test_output_to_a_closed_reader_is_dropped_not_retried() -> None:
 
 
 def test_no_input_is_read_while_the_guest_posts_no_buffer(pipes: tuple[int, int, int, int]) -> None:
-    in_w, in_r, out_w, out_r = pipes
+    in_w, in_r, out_w, _ = pipes
     device = ConsoleDevice(in_r, out_w)
     guest = Guest(device)
     os.write(in_w, b"waiting")
@@ -153,9 +155,13 @@ def test_a_pty_behaves_like_a_terminal_line() -> None:
     [("rx", [b"x"], [4], Rule.CONSOLE_RX_READABLE), ("tx", [b"x"], [4], Rule.CONSOLE_TX_WRITABLE)],
 )
 def test_buffers_of_the_wrong_direction_stop_the_queue(
-    pipes: tuple[int, int, int, int], queue_name: str, readable: list[bytes], writable: list[int], rule: Rule
+    pipes: tuple[int, int, int, int],
+    queue_name: str,
+    readable: list[bytes],
+    writable: list[int],
+    rule: Rule,
 ) -> None:
-    in_w, in_r, out_w, out_r = pipes
+    in_w, in_r, out_w, _ = pipes
     os.write(in_w, b"input")
     device = ConsoleDevice(in_r, out_w)
     guest = Guest(device)

@@ -17,7 +17,6 @@ from dvs.virtio.reference import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
     MockDriver,
     QueueBroken,
@@ -43,7 +42,11 @@ def test_a_driver_submits_direct_and_indirect_chains_and_gets_them_back() -> Non
 
     chains = queue.pop_all()
     assert [c.head for c in chains] == [first.head, second.head]
-    assert [(s.length, s.writable) for s in chains[0].segments] == [(6, False), (7, False), (16, True)]
+    assert [(s.length, s.writable) for s in chains[0].segments] == [
+        (6, False),
+        (7, False),
+        (16, True),
+    ]
     assert chains[1].indirect and chains[1].readable_bytes == 1 and chains[1].writable_bytes == 8
     assert mem.read(chains[0].segments[1].gpa, 7) == b"payload"
     assert queue.in_flight == 2 and queue.last_avail_idx == 2
@@ -184,7 +187,9 @@ def _indirect(entries: list[tuple[int, int, int]], table_len: int | None = None)
             m.write(table + 16 * i, d.alloc(16).to_bytes(8, "little"))
             m.write(table + 16 * i + 8, length.to_bytes(4, "little"))
             m.write(table + 16 * i + 12, flags.to_bytes(2, "little") + nxt.to_bytes(2, "little"))
-        d.write_desc(0, table, 16 * len(entries) if table_len is None else table_len, DESC_F_INDIRECT)
+        d.write_desc(
+            0, table, 16 * len(entries) if table_len is None else table_len, DESC_F_INDIRECT
+        )
         d.put_avail(0, 0)
         d.set_avail_idx(1)
         return {}
@@ -286,7 +291,11 @@ def test_chain_through_the_main_table_then_an_indirect_table() -> None:
     for model in (VirtQueue, ReferenceQueue):
         chain: Any = model(mem, **driver.layout).pop()
         assert chain.head == 3 and chain.indirect
-        assert [(s.length, s.writable) for s in chain.segments] == [(16, False), (8, False), (8, True)]
+        assert [(s.length, s.writable) for s in chain.segments] == [
+            (16, False),
+            (8, False),
+            (8, True),
+        ]
 
 
 # --- the remote backend: the queue in another process's memory -----------------------------
