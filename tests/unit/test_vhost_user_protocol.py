@@ -213,7 +213,8 @@ def _region(gpa: int, size: int, va: int = FRONTEND_VA) -> bytes:
     [
         (lambda fd: (GET_FEATURES, b"", [], 2), "message flags do not carry protocol version 1"),
         (lambda fd: (SET_FEATURES, b"\0" * 4, [], 1), "payload size wrong for the request"),
-        (lambda fd: (SET_FEATURES, b"\xff" * 8, [], 1), "features set that the back-end did not offer"),
+        (lambda fd: (SET_FEATURES, b"\xff" * 8, [], 1),
+         "features set that the back-end did not offer"),
         (lambda fd: (SET_VRING_NUM, struct.pack("<II", 7, 64), [], 1),
          "queue index beyond the device's queues"),
         (lambda fd: (SET_VRING_KICK, struct.pack("<Q", 0), [], 1),
