@@ -11,7 +11,9 @@ Inside the guest a small static tool (csrc/guest/tools/blkbench.c; fio is not in
 does O_DIRECT I/O on each raw device: sequential 1 MiB reads and writes, and 4 KiB random
 reads at queue depth 1 and 16 (threads) and random writes at depth 1. The host side is
 buffered (the file stays in the host page cache, warmed before measuring) for all three,
-and file locking is off so the three can share the file (they never run at once). Each
+and file locking is off so the three can share the file (they never run at once). No test
+flushes: qemu-storage-daemon's export shows the guest a write-through cache (no FLUSH), dvs
+and QEMU a write-back one, so a final FLUSH would measure durability policy, not data path. Each
 test runs on the three disks back to back, in an order rotating per round, ``--rounds``
 times; per disk the median is printed, and the ratios dvs/qsd and dvs/qemu are the medians of
 the per-round ratios (each from measurements seconds apart, so load from elsewhere on this

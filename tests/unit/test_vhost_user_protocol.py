@@ -250,3 +250,46 @@ def test_protocol_violations_drop_the_connection_and_the_server_carries_on(
     assert next_frontend.u64(GET_QUEUE_NUM) == 1  # served again
     next_frontend.close()
     assert server.stats().protocol_errors[-1] == rule
+
+
+def test_two_queues_are_offered_and_served_independently(
+    tmp_path: Path, ram: tuple[int, GuestMemory]
+) -> None:
+    ram_fd, mem = ram
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    with BlkServer(image, tmp_path / "mq.sock", num_queues=2) as server:
+        fe = FrontEnd(server.socket_path)
+        features = _negotiate(fe)
+        assert features >> 12 & 1  # VIRTIO_BLK_F_MQ
+        assert fe.u64(GET_QUEUE_NUM) == 2
+        config = fe.call(GET_CONFIG, struct.pack("<III", 0, 60, 0) + bytes(60))
+        assert struct.unpack_from("<H", config, 12 + 34)[0] == 2  # num_queues
+        drivers = [
+            MockDriver(mem, size=16, base=0x10000 + i * 0x100000, span=0x80000) for i in (0, 1)
+        ]
+        region = struct.pack("<QQQQ", 0, RAM, FRONTEND_VA, 0)
+        fe.send(SET_MEM_TABLE, struct.pack("<II", 1, 0) + region, [ram_fd])
+        fds = []
+        for index, driver in enumerate(drivers):
+            fe.send(SET_VRING_NUM, struct.pack("<II", index, driver.size))
+            fe.send(SET_VRING_BASE, struct.pack("<II", index, 0))
+            ua = [FRONTEND_VA + getattr(driver, k) for k in ("desc", "used", "avail")]
+            fe.send(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, *ua, 0))
+            kick, call = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
+            fe.send(SET_VRING_CALL, struct.pack("<Q", index), [call])
+            fe.send(SET_VRING_KICK, struct.pack("<Q", index), [kick])
+            fe.send(SET_VRING_ENABLE, struct.pack("<II", index, 1), flags=1 | NEED_REPLY)
+            assert struct.unpack("<Q", fe.recv()[2])[0] == 0  # started before we go on
+            fds += [kick, call]
+        subs = [d.add([blk_header(BLK_T_IN, i)], [512, 1]) for i, d in enumerate(drivers)]
+        os.eventfd_write(fds[2], 1)  # kick queue 1 only
+        assert _wait(fds[3])
+        assert [u.id for u in drivers[1].reap()] == [subs[1].head]
+        assert drivers[0].reap() == []  # queue 0 was not kicked and has not been served
+        os.eventfd_write(fds[0], 1)
+        assert _wait(fds[1])
+        assert [u.id for u in drivers[0].reap()] == [subs[0].head]
+        fe.close()
+        for fd in fds:
+            os.close(fd)
