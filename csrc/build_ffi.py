@@ -5,7 +5,8 @@ ordinary C. What Python may call is declared between ``/* cffi:begin */`` and
 ``/* cffi:end */`` in the headers; this builder concatenates those blocks into the cdef,
 turning ``#define NAME value`` into ``#define NAME ...`` (cffi asks the compiler for the
 value) and expanding ``/* cffi:constants A B ... */`` lists the same way. Every .c file
-outside csrc/guest (code that runs inside guests) and csrc/fuzz (harnesses) is compiled in.
+outside csrc/guest (code that runs inside guests), csrc/fuzz (harnesses) and csrc/testing
+(stand-alone programs the test fixtures build, e.g. a tiny VMM) is compiled in.
 Libraries come from pkg-config: liburing, libcrypto, sqlite3.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from cffi import FFI
 
 CSRC = Path(__file__).resolve().parent
-EXCLUDED_DIRS = {"guest", "fuzz"}
+EXCLUDED_DIRS = {"guest", "fuzz", "testing"}
 PKG_CONFIG_PACKAGES = ["liburing", "libcrypto", "sqlite3"]
 
 _BLOCK = re.compile(r"/\* cffi:begin \*/(.*?)/\* cffi:end \*/", re.S)

@@ -22,6 +22,7 @@ CAPABILITY_CLIS = (
     "dvs.container.cli",
     "dvs.fs.cli",
     "dvs.vm.cli",
+    "dvs.hypervisor.cli",
     "dvs.virtio.cli",
     "dvs.shield.cli",
 )

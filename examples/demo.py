@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECTIONS = ("probe", "container", "fs", "vm", "virtio", "shield")
+SECTIONS = ("probe", "container", "fs", "vm", "hypervisor", "virtio", "shield")
 
 
 def main(argv: list[str]) -> int:

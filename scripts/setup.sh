@@ -16,6 +16,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-system-common qemu-utils cpio xz-utils zstd squashfs-tools e2fsprogs
   # measuring and stressing
   strace linux-perf fio stress-ng dbench fsmark postmark sqlcipher libsqlcipher-dev iperf3
+  # VM introspection: gdb reads the ELF cores `dvs vm coredump` writes (tests)
+  gdb
   # the C fast paths' fuzzing toolchain (clang + compiler-rt's libFuzzer/ASan/UBSan runtimes)
   clang libclang-rt-14-dev
 )
@@ -32,10 +34,16 @@ if ((${#missing[@]})); then
 fi
 
 PY=${PYTHON:-python3}
-if ! "$PY" -m pip show -q dvs >/dev/null 2>&1 || [ pyproject.toml -nt .cache/pip-installed ]; then
+# The dependencies from pyproject.toml (main + test extra), not dvs itself: the checkout is
+# used in place (python3 -m dvs, python3 -m pytest), so several checkouts never fight over
+# one site-wide install.
+mkdir -p .cache
+if [ ! -f .cache/requirements.txt ] || [ pyproject.toml -nt .cache/requirements.txt ]; then
   echo "setup: installing pip dependencies"
-  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
-  mkdir -p .cache && touch .cache/pip-installed
+  "$PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > .cache/requirements.tmp
+  "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -r .cache/requirements.tmp
+  mv .cache/requirements.tmp .cache/requirements.txt
 fi
 echo "setup: building the cffi core"
 "$PY" setup.py -q build_ext --inplace 2>&1 | grep -vE "BetaConfiguration|_BetaConfiguration|warnings.warn" || true

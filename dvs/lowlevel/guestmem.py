@@ -42,6 +42,14 @@ class Region:
         return self.gpa + self.size
 
 
+def buffer_address(buffer: object) -> tuple[int, object]:
+    """Address of a writable buffer of this process (an mmap of a core file, a bytearray),
+    for use as ``hva`` of a local region; keep the returned object alive as long as it is used.
+    """
+    view = ffi.from_buffer(buffer, require_writable=True)
+    return int(ffi.cast("uintptr_t", view)), view
+
+
 class GuestMemory:
     """Bounded access to a guest's physical memory (see the module note)."""
 

@@ -354,3 +354,20 @@ def spawn(
             step = f"setns into namespace #{req.failed_index}"
         check(ret, f"spawn: {step}", argv[0] if argv else None)
     return Spawned(req.pid, req.pidfd)
+
+
+# ---- seccomp (csrc/sys/sync.c) ------------------------------------------------------------
+
+NR_IO_URING_SETUP: int = lib.__NR_io_uring_setup
+NR_IO_URING_ENTER: int = lib.__NR_io_uring_enter
+NR_IO_URING_REGISTER: int = lib.__NR_io_uring_register
+
+
+def seccomp_deny(syscall_nrs: Sequence[int], errno_value: int) -> None:
+    """Make the listed syscalls fail with ``errno_value`` in this thread and its children.
+
+    Irreversible (a seccomp filter with no_new_privs); meant for a dedicated child process,
+    e.g. one that must see io_uring blocked the way a container runtime's profile blocks it.
+    """
+    nrs = ffi.new("int32_t[]", list(syscall_nrs))
+    check(lib.dvs_seccomp_deny(nrs, len(syscall_nrs), errno_value), "seccomp deny")
