@@ -11,7 +11,8 @@
  * not be called. `result` is the byte count (reads/writes) or 0, or -errno.
  *
  * Backends: a plain file or block device with synchronous preadv/pwritev (blk_file.c); the
- * shared io_uring engine and a sealed (shielded) volume plug in through the same ops.
+ * same file through the shared io_uring engine of csrc/uring (blk_ring.c); a sealed
+ * (shielded) volume plugs in through the same ops.
  */
 #ifndef DVS_BLK_BACKEND_H
 #define DVS_BLK_BACKEND_H
@@ -38,6 +39,13 @@ int dvs_blk_backend_file(int fd, uint32_t flags, struct dvs_blk_backend **out);
  * operations and completes them. Exercises the device's asynchronous paths (deferral,
  * completion from poll, draining) until the shared io_uring engine plugs in. */
 int dvs_blk_backend_file_deferred(int fd, uint32_t depth, struct dvs_blk_backend **out);
+/* The file through the shared io_uring ring (csrc/uring): reads, writes and flushes are
+ * ring requests (one per iovec, fixed file, opcode allow-list), completed from poll() when
+ * the ring fd turns readable; discard/write-zeroes run synchronously (fallocate is not on
+ * the ring's allow-list). ring_flags: DVS_RING_* (0: a single-issuer ring; the first
+ * thread that submits becomes its issuer). */
+int dvs_blk_backend_ring(int fd, uint32_t entries, uint32_t ring_flags,
+			 struct dvs_blk_backend **out);
 /* Size of the backing store in bytes. */
 int64_t dvs_blk_backend_size(struct dvs_blk_backend *be);
 const char *dvs_blk_backend_name(const struct dvs_blk_backend *be);
@@ -55,6 +63,9 @@ struct dvs_blk_io {
 	struct iovec *iov; /* READ/WRITE: covers exactly len bytes */
 	uint32_t iovcnt;
 	dvs_blk_io_done_fn done;
+	/* backend scratch, the backend's while the operation is in flight */
+	uint32_t pieces;
+	int64_t progress;
 };
 
 struct dvs_blk_backend_ops {
@@ -72,5 +83,13 @@ struct dvs_blk_backend_ops {
 struct dvs_blk_backend {
 	const struct dvs_blk_backend_ops *ops;
 };
+
+/* Shared by the file-based backends (blk_file.c). */
+int64_t dvs_blk_file_size(int fd);
+/* All of iov at offset, looping over short transfers: bytes moved or -errno. */
+int64_t dvs_blk_file_rw(int fd, int write, const struct iovec *iov, uint32_t cnt,
+			uint64_t offset, uint64_t total);
+/* DISCARD / WRITE_ZEROES with fallocate (and fallbacks): 0 or -errno. */
+int dvs_blk_file_dealloc(int fd, const struct dvs_blk_io *io);
 
 #endif

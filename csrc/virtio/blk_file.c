@@ -40,8 +40,8 @@ struct file_backend {
 
 /* Transfer all of iov[0..cnt) at offset; advances a private copy of the iovecs on short
  * transfers. Returns bytes moved (== total) or -errno. */
-static int64_t full_rw(int fd, int write, const struct iovec *iov, uint32_t cnt, uint64_t offset,
-		       uint64_t total)
+int64_t dvs_blk_file_rw(int fd, int write, const struct iovec *iov, uint32_t cnt, uint64_t offset,
+			uint64_t total)
 {
 	struct iovec local[64];
 	uint64_t done = 0;
@@ -108,32 +108,40 @@ static int try_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
 	return -errno;
 }
 
-static int64_t file_do(struct file_backend *fb, struct dvs_blk_io *io)
+int dvs_blk_file_dealloc(int fd, const struct dvs_blk_io *io)
 {
 	int err;
-	switch (io->op) {
-	case DVS_BLK_IO_READ:
-		return full_rw(fb->fd, 0, io->iov, io->iovcnt, io->offset, io->len);
-	case DVS_BLK_IO_WRITE:
-		return full_rw(fb->fd, 1, io->iov, io->iovcnt, io->offset, io->len);
-	case DVS_BLK_IO_FLUSH:
-		return fdatasync(fb->fd) ? -errno : 0;
-	case DVS_BLK_IO_DISCARD:
-		err = try_fallocate(fb->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, io->offset,
+	if (io->op == DVS_BLK_IO_DISCARD) {
+		err = try_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, io->offset,
 				    io->len);
 		return err == -EOPNOTSUPP ? 0 : err; /* discard is only a hint */
-	case DVS_BLK_IO_WRITE_ZEROES:
-		if (io->flags & DVS_BLK_IO_F_UNMAP) {
-			err = try_fallocate(fb->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-					    io->offset, io->len);
-			if (err != -EOPNOTSUPP)
-				return err;
-		}
-		err = try_fallocate(fb->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, io->offset,
+	}
+	if (io->op != DVS_BLK_IO_WRITE_ZEROES)
+		return -EINVAL;
+	if (io->flags & DVS_BLK_IO_F_UNMAP) {
+		err = try_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, io->offset,
 				    io->len);
 		if (err != -EOPNOTSUPP)
 			return err;
-		return write_zero_pages(fb->fd, io->offset, io->len);
+	}
+	err = try_fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, io->offset, io->len);
+	if (err != -EOPNOTSUPP)
+		return err;
+	return write_zero_pages(fd, io->offset, io->len);
+}
+
+static int64_t file_do(struct file_backend *fb, struct dvs_blk_io *io)
+{
+	switch (io->op) {
+	case DVS_BLK_IO_READ:
+		return dvs_blk_file_rw(fb->fd, 0, io->iov, io->iovcnt, io->offset, io->len);
+	case DVS_BLK_IO_WRITE:
+		return dvs_blk_file_rw(fb->fd, 1, io->iov, io->iovcnt, io->offset, io->len);
+	case DVS_BLK_IO_FLUSH:
+		return fdatasync(fb->fd) ? -errno : 0;
+	case DVS_BLK_IO_DISCARD:
+	case DVS_BLK_IO_WRITE_ZEROES:
+		return dvs_blk_file_dealloc(fb->fd, io);
 	default:
 		return -EOPNOTSUPP;
 	}
@@ -146,21 +154,25 @@ static int file_submit(struct dvs_blk_backend *be, struct dvs_blk_io *io)
 	return 0;
 }
 
-static int64_t file_size(struct dvs_blk_backend *be)
+int64_t dvs_blk_file_size(int fd)
 {
-	struct file_backend *fb = (struct file_backend *)be;
 	struct stat st;
-	if (fstat(fb->fd, &st))
+	if (fstat(fd, &st))
 		return -errno;
 	if (S_ISBLK(st.st_mode)) {
 		uint64_t bytes;
-		if (ioctl(fb->fd, BLKGETSIZE64, &bytes))
+		if (ioctl(fd, BLKGETSIZE64, &bytes))
 			return -errno;
 		return (int64_t)bytes;
 	}
 	if (!S_ISREG(st.st_mode))
 		return -EINVAL;
 	return st.st_size;
+}
+
+static int64_t file_size(struct dvs_blk_backend *be)
+{
+	return dvs_blk_file_size(((struct file_backend *)be)->fd);
 }
 
 static int file_event_fd(struct dvs_blk_backend *be)

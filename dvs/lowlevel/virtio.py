@@ -23,6 +23,7 @@ import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from dvs.errors import GuestProtocolError
 from dvs.lowlevel import check, ffi, lib
@@ -33,6 +34,9 @@ VIRTIO_F_EVENT_IDX: int = lib.DVS_VIRTIO_F_EVENT_IDX
 VIRTIO_F_VERSION_1: int = lib.DVS_VIRTIO_F_VERSION_1
 VQ_MAX_SEGS: int = lib.DVS_VQ_MAX_SEGS
 VQ_MAX_SIZE: int = lib.DVS_VQ_MAX_SIZE
+
+BlkEngine = Literal["sync", "io_uring", "deferred"]
+BLK_ENGINES: tuple[BlkEngine, ...] = ("sync", "io_uring", "deferred")
 
 RULE_NAMES: dict[int, str] = {
     code: ffi.string(lib.dvs_vq_rule_name(code)).decode()
@@ -223,18 +227,25 @@ class BlkDevice:
         num_queues: int = 1,
         seg_max: int = 0,
         direct: bool = False,
-        deferred_depth: int = 0,
+        engine: BlkEngine = "sync",
+        depth: int = 0,
     ) -> None:
-        """``deferred_depth`` > 0 completes I/O asynchronously (from ``poll()``), at most
-        that many operations in flight, as an asynchronous engine would."""
+        """``engine`` moves the data: ``sync`` (preadv/pwritev in the calling thread),
+        ``io_uring`` (the shared ring of dvs.lowlevel.uring, ``depth`` entries; the first
+        thread to submit becomes its only issuer) or ``deferred`` (synchronous I/O with
+        asynchronous completion from ``poll()``, at most ``depth`` in flight)."""
         if len(device_id) > lib.DVS_VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"device id {device_id!r} is longer than 20 bytes")
         backend = ffi.new("struct dvs_blk_backend **")
-        if deferred_depth:
-            ret = lib.dvs_blk_backend_file_deferred(fd, deferred_depth, backend)
-        else:
+        if engine == "io_uring":
+            ret = lib.dvs_blk_backend_ring(fd, depth or 256, 0, backend)
+        elif engine == "deferred":
+            ret = lib.dvs_blk_backend_file_deferred(fd, depth or 16, backend)
+        elif engine == "sync":
             ret = lib.dvs_blk_backend_file(fd, lib.DVS_BLK_FILE_DIRECT if direct else 0, backend)
-        check(ret, "block backend")
+        else:
+            raise ValueError(f"unknown block engine {engine!r}")
+        check(ret, f"{engine} block backend")
         cfg = ffi.new("struct dvs_blk_config *")
         cfg.capacity = capacity_sectors
         cfg.read_only = int(read_only)
@@ -246,7 +257,7 @@ class BlkDevice:
         self._blk = ffi.gc(out[0], lib.dvs_blk_destroy)
         self._result = ffi.new("struct dvs_blk_result *")
         self.read_only = read_only
-        self._deferred = bool(deferred_depth)
+        self.engine = engine
 
     @property
     def c_handle(self) -> object:
@@ -278,13 +289,16 @@ class BlkDevice:
             int(r.handled), int(r.completed), bool(r.notify), bool(r.more), bool(r.stalled)
         )
 
+    @property
+    def event_fd(self) -> int:
+        """Readable when ``poll`` has completions to collect (the io_uring ring fd, the
+        deferred backend's eventfd); -1 for the synchronous engine."""
+        return int(lib.dvs_blk_event_fd(self._blk))
+
     def poll(self, wait: bool = False) -> int:
         """Complete finished asynchronous I/O (pushing used buffers); returns how many."""
         return check(lib.dvs_blk_poll(self._blk, int(wait)), "virtio-blk poll")
 
-    @property
-    def backend_name(self) -> str:
-        return "deferred" if self._deferred else "sync"
 
     def stats(self) -> BlkStats:
         s = ffi.new("struct dvs_blk_stats *")

@@ -54,9 +54,14 @@ def _serve_blk(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         device_id=args.id,
         num_queues=args.queues,
+        engine=args.engine,
     ) as server:
         mode = "read-only" if args.read_only else "read-write"
-        print(f"dvs: serving {args.file} ({mode}) as vhost-user-blk on {args.socket}", flush=True)
+        print(
+            f"dvs: serving {args.file} ({mode}, {server.engine}) as vhost-user-blk on "
+            f"{args.socket}",
+            flush=True,
+        )
         stop.wait()
         stats = server.stats()
     blk = stats.blk
@@ -84,3 +89,8 @@ def register(cli: Cli) -> None:
     sub.add_argument("--sealed", action="store_true", help="FILE is a sealed (shielded) volume")
     sub.add_argument("--id", default="dvs", help="the disk's serial (virtio GET_ID), max 20 bytes")
     sub.add_argument("--queues", type=int, default=1, help="request queues (1-16)")
+    sub.add_argument(
+        "--engine",
+        choices=["io_uring", "sync"],
+        help="how disk I/O is done (default: io_uring where the kernel allows it)",
+    )

@@ -31,11 +31,19 @@ from types import TracebackType
 from dvs.errors import DvsError
 from dvs.lowlevel.virtio import (
     BlkDevice,
+    BlkEngine,
     BlkStats,
     VhostUserBlk,
     VhostUserProtocolError,
     VhostUserStats,
 )
+
+
+def default_engine() -> BlkEngine:
+    """``io_uring`` when the probe could set up a ring with read/write/fsync, else ``sync``."""
+    from dvs.probe import probe
+
+    return "io_uring" if probe().io_uring.supports("READ", "WRITE", "FSYNC") else "sync"
 
 
 class ServerError(DvsError):
@@ -67,16 +75,18 @@ class BlkServer:
         read_only: bool = False,
         device_id: str = "dvs",
         num_queues: int = 1,
-        deferred_depth: int = 0,
+        engine: BlkEngine | None = None,
+        depth: int = 0,
     ) -> None:
-        """``deferred_depth`` > 0 completes disk I/O asynchronously through the backend's
-        completion path (see ``BlkDevice``); 0 performs it synchronously."""
+        """``engine``: how disk I/O is done (``BlkDevice``); default ``io_uring`` where
+        the probe finds a usable ring, else ``sync``."""
         self.image = Path(image)
         self.socket_path = Path(socket_path)
         self.read_only = read_only
         self.device_id = device_id.encode()
         self.num_queues = num_queues
-        self.deferred_depth = deferred_depth
+        self.engine: BlkEngine = engine or default_engine()
+        self.depth = depth
         self._fd = -1
         self._stop_fd = -1
         self._listener: socket.socket | None = None
@@ -125,7 +135,8 @@ class BlkServer:
             read_only=self.read_only,
             device_id=self.device_id,
             num_queues=self.num_queues,
-            deferred_depth=self.deferred_depth,
+            engine=self.engine,
+            depth=self.depth,
         )
         if self._device.capacity_sectors == 0:
             raise ServerError(f"{self.image} is smaller than one 512-byte sector")

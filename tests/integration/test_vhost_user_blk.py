@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from dvs.lowlevel.virtio import BlkEngine
 from dvs.testing.guest import LinuxGuest
 from dvs.virtio.server import BlkServer
 
@@ -64,13 +65,13 @@ def sock(tmp_path: Path) -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("deferred_depth", [0, 4], ids=["sync-backend", "deferred-completion"])
+@pytest.mark.parametrize(("engine", "depth"), [("io_uring", 32), ("sync", 0), ("deferred", 4)])
 def test_guest_makes_ext4_on_the_dvs_disk_and_both_sides_see_the_same_files(
-    image: Path, sock: Path, tmp_path: Path, deferred_depth: int
+    image: Path, sock: Path, tmp_path: Path, engine: BlkEngine, depth: int
 ) -> None:
-    """With the synchronous backend, and with completions arriving later from the backend's
-    event fd with at most 4 operations in flight (the asynchronous engine's model)."""
-    server_cm = BlkServer(image, sock, device_id="dvs-it-disk", deferred_depth=deferred_depth)
+    """With the shared io_uring ring (32 entries, so a busy guest fills it), the synchronous
+    backend, and completions arriving later with at most 4 operations in flight."""
+    server_cm = BlkServer(image, sock, device_id="dvs-it-disk", engine=engine, depth=depth)
     with server_cm as server:
         with LinuxGuest(memfd_ram=True, qemu_args=_qemu_disk_args(sock)) as guest:
             dev = _disk_named(guest, "dvs-it-disk")
@@ -117,7 +118,7 @@ def test_guest_makes_ext4_on_the_dvs_disk_and_both_sides_see_the_same_files(
     assert blk.flushes > 0  # ext4's journal commits ask for them
     assert blk.discards > 0  # fstrim
     assert blk.bytes_written >= 48 * 65536 and blk.bytes_read >= 300_000
-    if deferred_depth:
+    if engine == "deferred":
         assert blk.deferred > 0  # the guest had more in flight than the backend took
     assert _host("e2fsck", "-f", "-n", str(image)).returncode == 0
 
