@@ -3,7 +3,8 @@
 One Debian 6.1 guest under QEMU-TCG (the kit's LinuxGuest, 1 vCPU, RAM in a shared memfd)
 gets three virtio disks backed by the *same* host file:
   dvs   the dvs vhost-user-blk back-end (``dvs.virtio.server.BlkServer``; C device model,
-        synchronous preadv/pwritev file backend, 1 queue);
+        1 queue, the shared io_uring ring as its engine -- or ``--dvs-engine sync``:
+        preadv/pwritev on the serving thread);
   qsd   qemu-storage-daemon's vhost-user-blk export (``--blockdev file`` + ``--export
         vhost-user-blk``, its default aio=threads, 1 queue);
   qemu  QEMU's own virtio-blk-pci on the file (``-drive cache=writeback``, aio=threads).
@@ -131,6 +132,9 @@ def main() -> int:
     parser.add_argument("--seq-mib", type=int, default=64, help="bytes per sequential test")
     parser.add_argument("--disk-mib", type=int, default=512)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--dvs-engine", choices=["io_uring", "sync"], default="io_uring", help="dvs's block engine"
+    )
     args = parser.parse_args()
 
     tool = build_tool()
@@ -148,7 +152,9 @@ def main() -> int:
         dvs_sock, qsd_sock = work / "dvs.sock", work / "qsd.sock"
         qsd = start_qsd(backing, qsd_sock)
         try:
-            with BlkServer(backing, dvs_sock, device_id="dvs-bench") as server:
+            with BlkServer(
+                backing, dvs_sock, device_id="dvs-bench", engine=args.dvs_engine
+            ) as server:
                 with LinuxGuest(
                     memfd_ram=True,
                     memory_mib=512,
@@ -199,7 +205,8 @@ def main() -> int:
             f"{label:28}{med['dvs']:10.1f}{med['qsd']:10.1f}{med['qemu']:10.1f}"
             f"{vs_qsd:10.2f}{vs_qemu:10.2f}"
         )
-    print(f"dvs server: {stats.blk.requests} requests, {stats.vhost.kicks} kicks, "
+    print(f"dvs engine: {args.dvs_engine}; server: {stats.blk.requests} requests, "
+          f"{stats.vhost.kicks} kicks, "
           f"{stats.vhost.calls} interrupts, errors {stats.blk.errors}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"raw": results, "median": summary}, indent=2))

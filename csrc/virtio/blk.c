@@ -383,6 +383,20 @@ static int chain_iov(const struct dvs_guest_mem *mem, const struct dvs_vq_chain 
 	return (int)n;
 }
 
+/* Merge iovecs that are adjacent in host memory (a guest buffer spanning pages that are
+ * contiguous in guest RAM): fewer, larger transfers for the engine. */
+static uint32_t coalesce(struct iovec *iov, uint32_t n)
+{
+	uint32_t out = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		if (out && (char *)iov[out - 1].iov_base + iov[out - 1].iov_len == iov[i].iov_base)
+			iov[out - 1].iov_len += iov[i].iov_len;
+		else
+			iov[out++] = iov[i];
+	}
+	return out;
+}
+
 static int ensure_bounce(struct blk_req *r, uint64_t len)
 {
 	if (len > BOUNCE_MAX)
@@ -408,7 +422,7 @@ static uint32_t map_data(struct blk_req *r, int read)
 	r->copy_out = 0;
 	if (n >= 0) {
 		r->io.iov = r->iov;
-		r->io.iovcnt = (uint32_t)n;
+		r->io.iovcnt = coalesce(r->iov, (uint32_t)n);
 		return DVS_BLK_REQ_OK;
 	}
 	/* Remote guest memory, or more pieces than iovecs: go through a bounce buffer. */

@@ -75,6 +75,14 @@ static int fail(struct dvs_vq *vq, uint32_t rule, uint64_t detail)
 	return -EPROTO;
 }
 
+uint32_t dvs_vq_device_status(uint32_t status, struct dvs_vq *const *queues, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++)
+		if (queues[i]->rule != DVS_VQ_OK)
+			return status | DVS_VIRTIO_STATUS_NEEDS_RESET;
+	return status;
+}
+
 int dvs_vq_fail(struct dvs_vq *vq, uint32_t rule, uint64_t detail)
 {
 	if (rule == DVS_VQ_OK || rule >= DVS_VQ_RULE_MAX)

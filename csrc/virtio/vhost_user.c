@@ -83,6 +83,7 @@ struct vu_queue {
 	int started;
 	int broken;
 	int more;                  /* process again without waiting for a kick */
+	int stalled;               /* the backend was full: process again after completions */
 	int addr_set;
 	int vq_valid;              /* vq was set up (its indices are meaningful) */
 	uint64_t desc_uaddr, avail_uaddr, used_uaddr;
@@ -484,9 +485,11 @@ static void run_queue(struct dvs_vu *vu, struct conn *c, uint32_t index)
 		return;
 	}
 	q->more = res.more;
+	q->stalled = res.stalled;
 }
 
-/* After asynchronous completions: interrupt queues that got used buffers, retry stalled ones. */
+/* After asynchronous completions: interrupt queues that got used buffers, retry the ones
+ * that stalled on a full backend (and only those: the others wait for their kick). */
 static void after_completions(struct dvs_vu *vu, struct conn *c)
 {
 	for (uint32_t i = 0; i < vu->num_queues; i++) {
@@ -497,7 +500,10 @@ static void after_completions(struct dvs_vu *vu, struct conn *c)
 			q->pushed_seen = q->vq.pushed;
 			notify_if_needed(vu, q, dvs_vq_should_notify(&q->vq, &c->mem) > 0);
 		}
-		q->more = 1;
+		if (q->stalled) {
+			q->stalled = 0;
+			q->more = 1;
+		}
 	}
 }
 

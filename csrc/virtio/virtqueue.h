@@ -144,6 +144,10 @@ int dvs_vq_should_notify(struct dvs_vq *vq, const struct dvs_guest_mem *mem);
 int dvs_vq_enable_kicks(struct dvs_vq *vq, const struct dvs_guest_mem *mem);
 /* Tell the driver kicks are not needed while the device is busy (no-op with EVENT_IDX). */
 int dvs_vq_disable_kicks(struct dvs_vq *vq, const struct dvs_guest_mem *mem);
+/* The device status a transport with a status register (virtio-mmio, virtio-pci) reports:
+ * `status` with DEVICE_NEEDS_RESET added once any of the device's queues broke a rule.
+ * (vhost-user has no such register: its back-end signals the queue's error eventfd.) */
+uint32_t dvs_vq_device_status(uint32_t status, struct dvs_vq *const *queues, uint32_t n);
 /* Mark the queue broken by a device-type rule (e.g. DVS_VQ_ERR_CONSOLE_RX_READABLE). */
 int dvs_vq_fail(struct dvs_vq *vq, uint32_t rule, uint64_t detail);
 const char *dvs_vq_rule_name(uint32_t rule);

@@ -88,6 +88,16 @@ class Chain:
         return sum(s.length for s in self.segments if s.writable)
 
 
+VIRTIO_STATUS_NEEDS_RESET: int = lib.DVS_VIRTIO_STATUS_NEEDS_RESET
+
+
+def device_status(status: int, queues: Sequence[VirtQueue]) -> int:
+    """``status`` with DEVICE_NEEDS_RESET set once any of ``queues`` broke a rule (what a
+    virtio-mmio/pci transport reports in its status register)."""
+    table = ffi.new("struct dvs_vq *[]", [q.c_handle for q in queues] or [ffi.NULL])
+    return int(lib.dvs_vq_device_status(status, table, len(queues)))
+
+
 class VirtQueue:
     """The device side of one split virtqueue (see the module note)."""
 
@@ -298,7 +308,6 @@ class BlkDevice:
     def poll(self, wait: bool = False) -> int:
         """Complete finished asynchronous I/O (pushing used buffers); returns how many."""
         return check(lib.dvs_blk_poll(self._blk, int(wait)), "virtio-blk poll")
-
 
     def stats(self) -> BlkStats:
         s = ffi.new("struct dvs_blk_stats *")

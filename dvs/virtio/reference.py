@@ -400,17 +400,20 @@ class MockDriver:
         *,
         indirect: bool = False,
         publish: bool = True,
+        scatter: bool = False,
     ) -> Submitted:
         """Make one chain available: ``readable`` buffers (contents), then ``writable`` ones
         (lengths, zero-filled). With ``indirect`` the chain is one descriptor naming an
-        indirect table. The available index is published unless ``publish`` is false."""
+        indirect table; with ``scatter`` no two buffers are adjacent in guest memory. The
+        available index is published unless ``publish`` is false."""
         elements: list[tuple[int, int, bool]] = []
+        gap = 64 if scatter else 0
         for data in readable:
-            gpa = self.alloc(max(1, len(data)))
+            gpa = self.alloc(max(1, len(data)) + gap)
             self.mem.write(gpa, data)
             elements.append((gpa, len(data), False))
         for length in writable:
-            gpa = self.alloc(max(1, length))
+            gpa = self.alloc(max(1, length) + gap)
             self.mem.write(gpa, bytes(length))
             elements.append((gpa, length, True))
         if not elements:
@@ -461,8 +464,10 @@ class MockDriver:
             return need_event(self.avail_event(), self.avail_idx, old_avail_idx)
         return not self.used_flags() & USED_F_NO_NOTIFY
 
-    def reap(self) -> list[UsedElem]:
-        """Read the used ring from where the driver left off; free those descriptors."""
+    def reap(self, rearm: bool = True) -> list[UsedElem]:
+        """Read the used ring from where the driver left off; free those descriptors. With
+        ``rearm`` (and EVENT_IDX) ask for an interrupt at the next used buffer afterwards,
+        as Linux's virtqueue_enable_cb does (used_event := the next index to read)."""
         now = self.used_idx()
         out = []
         while self.last_used != now:
@@ -472,6 +477,8 @@ class MockDriver:
             for index in self._chains.pop(used_id, []):
                 self._free.append(index)
             self.last_used = (self.last_used + 1) & 0xFFFF
+        if rearm and self.features >> VIRTIO_F_EVENT_IDX & 1:
+            self.set_used_event(self.last_used)
         return out
 
     def read_writable(self, submitted: Submitted) -> bytes:

@@ -397,6 +397,7 @@ def test_the_io_uring_engine_completes_through_the_ring_fd(disk: Path) -> None:
                     *[data[j : j + 4096] for j in range(0, 16384, 4096)],
                 ],
                 [1],
+                scatter=True,
             )
             for i in range(10)
         ]

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from dvs.lowlevel.guestmem import GuestMemory
-from dvs.lowlevel.virtio import RULE_NAMES, VirtQueue, VirtqueueBroken
+from dvs.lowlevel.virtio import (
+    RULE_NAMES,
+    VIRTIO_STATUS_NEEDS_RESET,
+    VirtQueue,
+    VirtqueueBroken,
+    device_status,
+)
 from dvs.testing.remote_memory import forked_guest_memory
 from dvs.virtio.reference import (
     DESC_F_INDIRECT,
@@ -271,6 +277,10 @@ def test_a_broken_rule_stops_the_queue_for_good(rule: Rule) -> None:
                 queue.pop()  # stays broken, even though nothing changed
             with pytest.raises(VirtqueueBroken):
                 queue.enable_kicks()
+            fresh = GuestMemory.local(MEM_SIZE)
+            healthy = VirtQueue(fresh, **MockDriver(fresh, size=8).layout)
+            assert device_status(0x0F, [healthy]) == 0x0F  # DRIVER_OK etc. untouched
+            assert device_status(0x0F, [healthy, queue]) == 0x0F | VIRTIO_STATUS_NEEDS_RESET
         assert driver.used_idx() == 0  # nothing was handed back
     assert results[0] == results[1]
     assert results[0][0] == rule
