@@ -135,10 +135,13 @@ def main() -> int:
     parser.add_argument(
         "--dvs-engine", choices=["io_uring", "sync"], default="io_uring", help="dvs's block engine"
     )
+    parser.add_argument("--dvs-poll-us", type=int, default=0, help="dvs's queue poll window")
+    parser.add_argument("--only", help="run only the tests whose name contains this")
     args = parser.parse_args()
 
     tool = build_tool()
-    results: dict[str, dict[str, list[float]]] = {t: {d: [] for d in DISKS} for t in TESTS}
+    tests = {t: v for t, v in TESTS.items() if not args.only or args.only in t}
+    results: dict[str, dict[str, list[float]]] = {t: {d: [] for d in DISKS} for t in tests}
     with tempfile.TemporaryDirectory(prefix="dvs-bench-virtio-") as tmp:
         work = Path(tmp)
         backing = work / "disk.img"
@@ -153,7 +156,11 @@ def main() -> int:
         qsd = start_qsd(backing, qsd_sock)
         try:
             with BlkServer(
-                backing, dvs_sock, device_id="dvs-bench", engine=args.dvs_engine
+                backing,
+                dvs_sock,
+                device_id="dvs-bench",
+                engine=args.dvs_engine,
+                poll_us=args.dvs_poll_us,
             ) as server:
                 with LinuxGuest(
                     memfd_ram=True,
@@ -168,7 +175,7 @@ def main() -> int:
                     # Tests one after the other; within a test the three disks run
                     # back to back, in rotating order, `rounds` times: a burst of load from
                     # elsewhere on the machine then hits all three alike.
-                    for test, (template, metric) in TESTS.items():
+                    for test, (template, metric) in tests.items():
                         for rnd in range(args.rounds):
                             order = DISKS[rnd % 3 :] + DISKS[: rnd % 3]
                             for disk in order:
@@ -193,7 +200,7 @@ def main() -> int:
     print("ratios: median over rounds of dvs/baseline measured back to back in the same round")
     print(f"{'test':28}{'dvs':>10}{'qsd':>10}{'qemu':>10}{'dvs/qsd':>10}{'dvs/qemu':>10}")
     summary = {}
-    for test, (_, metric) in TESTS.items():
+    for test, (_, metric) in tests.items():
         med = {d: statistics.median(results[test][d]) for d in DISKS}
         r = results[test]
         vs_qsd = statistics.median(a / b for a, b in zip(r["dvs"], r["qsd"], strict=True))
@@ -205,7 +212,8 @@ def main() -> int:
             f"{label:28}{med['dvs']:10.1f}{med['qsd']:10.1f}{med['qemu']:10.1f}"
             f"{vs_qsd:10.2f}{vs_qemu:10.2f}"
         )
-    print(f"dvs engine: {args.dvs_engine}; server: {stats.blk.requests} requests, "
+    print(f"dvs engine: {args.dvs_engine}, poll window {args.dvs_poll_us} us; server: "
+          f"{stats.blk.requests} requests ({stats.vhost.polled} found by polling), "
           f"{stats.vhost.kicks} kicks, "
           f"{stats.vhost.calls} interrupts, errors {stats.blk.errors}")  # fmt: skip
     if args.json:

@@ -639,6 +639,12 @@ int dvs_blk_poll(struct dvs_blk *blk, int wait)
 int dvs_blk_process(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_guest_mem *mem,
 		    struct dvs_blk_result *result)
 {
+	return dvs_blk_process_flags(blk, vq, mem, 0, result);
+}
+
+int dvs_blk_process_flags(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_guest_mem *mem,
+			  uint32_t flags, struct dvs_blk_result *result)
+{
 	memset(result, 0, sizeof(*result));
 	if (!vq->ready)
 		return vq->rule ? -EPROTO : -EINVAL;
@@ -683,6 +689,8 @@ int dvs_blk_process(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_gue
 			result->more = 1;
 			break;
 		}
+		if (flags & DVS_BLK_KEEP_KICKS_OFF)
+			break; /* empty; the caller polls */
 		ret = dvs_vq_enable_kicks(vq, mem);
 		if (ret <= 0)
 			break; /* empty with kicks on, or an error */

@@ -122,6 +122,11 @@ uint16_t dvs_blk_max_segs(const struct dvs_blk *blk);
  * complete, push, then decide on notification. -EPROTO if the queue broke a rule. */
 int dvs_blk_process(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_guest_mem *mem,
 		    struct dvs_blk_result *result);
+/* The same; with DVS_BLK_KEEP_KICKS_OFF the queue is left with kicks suppressed when it runs
+ * empty (the caller polls it, then calls dvs_blk_process to re-arm). */
+#define DVS_BLK_KEEP_KICKS_OFF 1
+int dvs_blk_process_flags(struct dvs_blk *blk, struct dvs_vq *vq, const struct dvs_guest_mem *mem,
+			  uint32_t flags, struct dvs_blk_result *result);
 /* Reap asynchronous completions (no-op for synchronous backends); returns how many. */
 int dvs_blk_poll(struct dvs_blk *blk, int wait);
 int dvs_blk_event_fd(struct dvs_blk *blk);

@@ -413,6 +413,17 @@ int dvs_vq_enable_kicks(struct dvs_vq *vq, const struct dvs_guest_mem *mem)
 	return avail_idx != vq->last_avail_idx;
 }
 
+int dvs_vq_pending(const struct dvs_vq *vq, const struct dvs_guest_mem *mem)
+{
+	if (!vq->ready || vq->rule)
+		return vq->rule ? -EPROTO : -EINVAL;
+	uint16_t avail_idx;
+	int err = load16(mem, vq->avail_hva ? vq->avail_hva + 2 : 0, vq->avail_gpa + 2, &avail_idx);
+	if (err)
+		return err;
+	return (uint16_t)(avail_idx - vq->last_avail_idx);
+}
+
 int dvs_vq_disable_kicks(struct dvs_vq *vq, const struct dvs_guest_mem *mem)
 {
 	if (!vq->ready)

@@ -20,6 +20,7 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "virtio/vhost_user.h"
@@ -109,6 +110,7 @@ struct dvs_vu {
 	uint64_t protocol_features; /* offered */
 	uint64_t acked_features;
 	uint64_t acked_protocol;
+	uint64_t poll_ns;           /* busy-poll window after a queue runs empty; 0: off */
 	struct dvs_vu_stats stats;
 };
 
@@ -144,6 +146,12 @@ int dvs_vu_blk_create(struct dvs_blk *blk, struct dvs_vu **out)
 	vu->protocol_features = (1ull << VU_PF_MQ) | (1ull << VU_PF_REPLY_ACK) |
 				(1ull << VU_PF_CONFIG) | (1ull << VU_PF_RESET_DEVICE);
 	*out = vu;
+	return 0;
+}
+
+int dvs_vu_set_poll(struct dvs_vu *vu, uint64_t poll_ns)
+{
+	vu->poll_ns = poll_ns;
 	return 0;
 }
 
@@ -463,6 +471,60 @@ static void notify_if_needed(struct dvs_vu *vu, struct vu_queue *q, int notify)
 	}
 }
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void after_completions(struct dvs_vu *vu, struct conn *c);
+
+/* Serve the queue, then -- with a poll window -- keep serving it without kicks for as long
+ * as the driver keeps adding within poll_ns of the last request: the driver skips the kick
+ * (an exit to the hypervisor) for every request that arrives inside the window. */
+static int process_polling(struct dvs_vu *vu, struct conn *c, struct vu_queue *q,
+			   struct dvs_blk_result *res)
+{
+	int ret = dvs_blk_process_flags(vu->blk, &q->vq, &c->mem, DVS_BLK_KEEP_KICKS_OFF, res);
+	vu->stats.requests += res->handled;
+	q->pushed_seen = q->vq.pushed;
+	notify_if_needed(vu, q, res->notify);
+	if (ret < 0 || res->more || res->stalled)
+		return ret;
+	int async = dvs_blk_event_fd(vu->blk) >= 0;
+	uint64_t last = now_ns();
+	for (uint32_t spins = 1; now_ns() - last < vu->poll_ns; spins++) {
+		if (async && dvs_blk_poll(vu->blk, 0) > 0)
+			after_completions(vu, c);
+		int pending = dvs_vq_pending(&q->vq, &c->mem);
+		if (pending < 0)
+			break;
+		if (pending == 0) {
+			/* a message, a kick of another queue or the stop fd ends the window */
+			struct epoll_event ev;
+			if (spins % 64 == 0 && epoll_wait(c->epfd, &ev, 1, 0) > 0)
+				break;
+			__builtin_ia32_pause();
+			continue;
+		}
+		ret = dvs_blk_process_flags(vu->blk, &q->vq, &c->mem, DVS_BLK_KEEP_KICKS_OFF, res);
+		vu->stats.requests += res->handled;
+		vu->stats.polled += res->handled;
+		q->pushed_seen = q->vq.pushed;
+		notify_if_needed(vu, q, res->notify);
+		if (ret < 0 || res->more || res->stalled)
+			return ret;
+		last = now_ns();
+	}
+	/* re-arm kicks (and serve whatever raced with that) */
+	ret = dvs_blk_process(vu->blk, &q->vq, &c->mem, res);
+	vu->stats.requests += res->handled;
+	q->pushed_seen = q->vq.pushed;
+	notify_if_needed(vu, q, res->notify);
+	return ret;
+}
+
 static void run_queue(struct dvs_vu *vu, struct conn *c, uint32_t index)
 {
 	struct vu_queue *q = &c->q[index];
@@ -470,10 +532,15 @@ static void run_queue(struct dvs_vu *vu, struct conn *c, uint32_t index)
 	if (!q->started || q->broken)
 		return;
 	struct dvs_blk_result res;
-	int ret = dvs_blk_process(vu->blk, &q->vq, &c->mem, &res);
-	vu->stats.requests += res.handled;
-	q->pushed_seen = q->vq.pushed;
-	notify_if_needed(vu, q, res.notify);
+	int ret;
+	if (vu->poll_ns) {
+		ret = process_polling(vu, c, q, &res);
+	} else {
+		ret = dvs_blk_process(vu->blk, &q->vq, &c->mem, &res);
+		vu->stats.requests += res.handled;
+		q->pushed_seen = q->vq.pushed;
+		notify_if_needed(vu, q, res.notify);
+	}
 	if (ret == -EPROTO) {
 		q->broken = 1;
 		if (!vu->stats.broken_queue) {

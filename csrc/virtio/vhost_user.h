@@ -43,6 +43,7 @@ struct dvs_vu_stats {
 	uint64_t kicks;
 	uint64_t calls;        /* interrupts sent */
 	uint64_t requests;     /* virtio requests handled */
+	uint64_t polled;       /* of which found by polling, without a kick */
 	uint32_t connected;
 	uint32_t queues_started;
 	uint32_t protocol_error;  /* DVS_VU_ERR_* that ended the last connection */
@@ -63,6 +64,9 @@ int dvs_vu_blk_create(struct dvs_blk *blk, struct dvs_vu **out);
  * -errno on a local failure. The connection fd stays the caller's. */
 int dvs_vu_serve(struct dvs_vu *vu, int conn_fd, int stop_fd);
 int dvs_vu_get_stats(const struct dvs_vu *vu, struct dvs_vu_stats *stats);
+/* Busy-poll a queue for up to poll_ns after it runs empty before waiting for a kick
+ * (0, the default: never). Trades host CPU for fewer guest exits. */
+int dvs_vu_set_poll(struct dvs_vu *vu, uint64_t poll_ns);
 const char *dvs_vu_error_name(uint32_t err);
 void dvs_vu_destroy(struct dvs_vu *vu);
 /* cffi:end */

@@ -142,6 +142,9 @@ int dvs_vq_should_notify(struct dvs_vq *vq, const struct dvs_guest_mem *mem);
 /* Ask for kicks again (avail_event := last_avail_idx, or clear NO_NOTIFY) and return 1 if
  * buffers arrived meanwhile (the caller must process them), 0 if the ring is empty. */
 int dvs_vq_enable_kicks(struct dvs_vq *vq, const struct dvs_guest_mem *mem);
+/* How many chains the driver has made available beyond what the device popped (read-only:
+ * a bad index is reported by the next pop, not here). For polling without kicks. */
+int dvs_vq_pending(const struct dvs_vq *vq, const struct dvs_guest_mem *mem);
 /* Tell the driver kicks are not needed while the device is busy (no-op with EVENT_IDX). */
 int dvs_vq_disable_kicks(struct dvs_vq *vq, const struct dvs_guest_mem *mem);
 /* The device status a transport with a status register (virtio-mmio, virtio-pci) reports:

@@ -77,6 +77,7 @@ class BlkServer:
         num_queues: int = 1,
         engine: BlkEngine | None = None,
         depth: int = 0,
+        poll_us: int = 0,
     ) -> None:
         """``engine``: how disk I/O is done (``BlkDevice``); default ``io_uring`` where
         the probe finds a usable ring, else ``sync``."""
@@ -87,6 +88,7 @@ class BlkServer:
         self.num_queues = num_queues
         self.engine: BlkEngine = engine or default_engine()
         self.depth = depth
+        self.poll_us = poll_us
         self._fd = -1
         self._stop_fd = -1
         self._listener: socket.socket | None = None
@@ -140,7 +142,7 @@ class BlkServer:
         )
         if self._device.capacity_sectors == 0:
             raise ServerError(f"{self.image} is smaller than one 512-byte sector")
-        self._backend = VhostUserBlk(self._device)
+        self._backend = VhostUserBlk(self._device, poll_us=self.poll_us)
 
     def _listen(self) -> None:
         try:
