@@ -39,12 +39,13 @@ int dvs_blk_backend_file(int fd, uint32_t flags, struct dvs_blk_backend **out);
  * operations and completes them. Exercises the device's asynchronous paths (deferral,
  * completion from poll, draining) until the shared io_uring engine plugs in. */
 int dvs_blk_backend_file_deferred(int fd, uint32_t depth, struct dvs_blk_backend **out);
-/* The file through the shared io_uring ring (csrc/uring): reads, writes and flushes are
- * ring requests (one per iovec, fixed file, opcode allow-list), completed from poll() when
- * the ring fd turns readable; discard/write-zeroes run synchronously (fallocate is not on
- * the ring's allow-list). ring_flags: DVS_RING_* (0: a single-issuer ring; the first
- * thread that submits becomes its issuer). */
-int dvs_blk_backend_ring(int fd, uint32_t entries, uint32_t ring_flags,
+/* The file through the shared io_uring ring (csrc/uring): reads and flushes (and writes to
+ * an O_DIRECT fd, or with DVS_BLK_RING_WRITES_ON_RING) are ring requests (one per iovec,
+ * fixed file, opcode allow-list), completed from poll() when the ring fd turns readable;
+ * buffered writes and discard/write-zeroes run inline (see blk_ring.c for why). The ring
+ * is single-issuer: the first thread that submits becomes its issuer. */
+#define DVS_BLK_RING_WRITES_ON_RING 1
+int dvs_blk_backend_ring(int fd, uint32_t entries, uint32_t options,
 			 struct dvs_blk_backend **out);
 /* Size of the backing store in bytes. */
 int64_t dvs_blk_backend_size(struct dvs_blk_backend *be);

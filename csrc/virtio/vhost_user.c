@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -501,10 +502,15 @@ static int process_polling(struct dvs_vu *vu, struct conn *c, struct vu_queue *q
 		if (pending < 0)
 			break;
 		if (pending == 0) {
-			/* a message, a kick of another queue or the stop fd ends the window */
-			struct epoll_event ev;
-			if (spins % 64 == 0 && epoll_wait(c->epfd, &ev, 1, 0) > 0)
-				break;
+			/* a message, a kick of another queue or the stop fd ends the window; this
+			 * queue's own kicks (sent before the driver saw kicks were off) are moot */
+			if (spins % 64 == 0) {
+				struct epoll_event ev;
+				uint64_t count;
+				(void)!read(q->kick_fd, &count, sizeof(count));
+				if (epoll_wait(c->epfd, &ev, 1, 0) > 0)
+					break;
+			}
 			__builtin_ia32_pause();
 			continue;
 		}
@@ -625,6 +631,10 @@ static int set_queue_fd(struct dvs_vu *vu, struct conn *c, uint32_t request, con
 			q->started = 0; /* polling mode is not offered: the ring stops */
 			return 0;
 		}
+		/* non-blocking: the poll window drains stale kicks without waiting */
+		int fl = fcntl(fd, F_GETFL);
+		if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+			return -errno;
 		struct epoll_event ev = { .events = EPOLLIN, .data.u64 = TAG_KICK + index };
 		if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev))
 			return -errno;

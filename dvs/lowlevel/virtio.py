@@ -239,16 +239,19 @@ class BlkDevice:
         direct: bool = False,
         engine: BlkEngine = "sync",
         depth: int = 0,
+        ring_writes: bool = False,
     ) -> None:
         """``engine`` moves the data: ``sync`` (preadv/pwritev in the calling thread),
         ``io_uring`` (the shared ring of dvs.lowlevel.uring, ``depth`` entries; the first
         thread to submit becomes its only issuer) or ``deferred`` (synchronous I/O with
-        asynchronous completion from ``poll()``, at most ``depth`` in flight)."""
+        asynchronous completion from ``poll()``, at most ``depth`` in flight). With
+        io_uring, buffered writes are done inline unless ``ring_writes`` (see blk_ring.c)."""
         if len(device_id) > lib.DVS_VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"device id {device_id!r} is longer than 20 bytes")
         backend = ffi.new("struct dvs_blk_backend **")
         if engine == "io_uring":
-            ret = lib.dvs_blk_backend_ring(fd, depth or 256, 0, backend)
+            options = lib.DVS_BLK_RING_WRITES_ON_RING if ring_writes else 0
+            ret = lib.dvs_blk_backend_ring(fd, depth or 256, options, backend)
         elif engine == "deferred":
             ret = lib.dvs_blk_backend_file_deferred(fd, depth or 16, backend)
         elif engine == "sync":

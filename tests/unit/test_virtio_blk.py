@@ -383,7 +383,7 @@ def test_the_io_uring_engine_completes_through_the_ring_fd(disk: Path) -> None:
     fd = os.open(disk, os.O_RDWR)
     mem = GuestMemory.local(16 << 20)
     try:
-        device = BlkDevice(fd, engine="io_uring", depth=16)
+        device = BlkDevice(fd, engine="io_uring", depth=16, ring_writes=True)
         assert device.engine == "io_uring" and device.event_fd >= 0
         driver = MockDriver(mem, size=64, span=12 << 20)
         queue = VirtQueue(mem, **driver.layout, max_segs=device.max_segs)
