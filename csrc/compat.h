@@ -128,6 +128,80 @@ struct dvs_fuse_backing_map { /* struct fuse_backing_map, 7.40 */
 #define FUSE_DEV_IOC_BACKING_CLOSE _IOW(FUSE_DEV_IOC_MAGIC, 2, uint32_t)
 #endif
 
+/* FUSE opcodes and structures added after 7.38 (include/uapi/linux/fuse.h of Linux 6.18). */
+#define DVS_FUSE_STATX 52		 /* 7.39 */
+#define DVS_FUSE_COPY_FILE_RANGE_64 53 /* 7.45 */
+struct dvs_fuse_sx_time {
+	int64_t tv_sec;
+	uint32_t tv_nsec;
+	int32_t reserved;
+};
+struct dvs_fuse_statx { /* struct fuse_statx: bit-compatible with struct statx */
+	uint32_t mask;
+	uint32_t blksize;
+	uint64_t attributes;
+	uint32_t nlink;
+	uint32_t uid;
+	uint32_t gid;
+	uint16_t mode;
+	uint16_t spare0[1];
+	uint64_t ino;
+	uint64_t size;
+	uint64_t blocks;
+	uint64_t attributes_mask;
+	struct dvs_fuse_sx_time atime, btime, ctime, mtime;
+	uint32_t rdev_major, rdev_minor, dev_major, dev_minor;
+	uint64_t spare2[14];
+};
+struct dvs_fuse_statx_in {
+	uint32_t getattr_flags;
+	uint32_t reserved;
+	uint64_t fh;
+	uint32_t sx_flags;
+	uint32_t sx_mask;
+};
+struct dvs_fuse_statx_out {
+	uint64_t attr_valid;
+	uint32_t attr_valid_nsec;
+	uint32_t flags;
+	uint64_t spare[2];
+	struct dvs_fuse_statx stat;
+};
+struct dvs_fuse_copy_file_range_out { /* reply to FUSE_COPY_FILE_RANGE_64 */
+	uint64_t bytes_copied;
+};
+/* fuse_init_out as of 7.43: unused[0] became max_stack_depth (7.40), then request_timeout */
+struct dvs_fuse_init_out {
+	uint32_t major;
+	uint32_t minor;
+	uint32_t max_readahead;
+	uint32_t flags;
+	uint16_t max_background;
+	uint16_t congestion_threshold;
+	uint32_t max_write;
+	uint32_t time_gran;
+	uint16_t max_pages;
+	uint16_t map_alignment;
+	uint32_t flags2;
+	uint32_t max_stack_depth;
+	uint16_t request_timeout;
+	uint16_t unused[11];
+};
+/* fuse_open_out as of 7.40: the padding became backing_id */
+struct dvs_fuse_open_out {
+	uint64_t fh;
+	uint32_t open_flags;
+	int32_t backing_id;
+};
+#ifndef FILESYSTEM_MAX_STACK_DEPTH
+#define FILESYSTEM_MAX_STACK_DEPTH 2
+#endif
+
+/* ---- syscalls newer than glibc 2.36 wraps ---- */
+#ifndef __NR_fchmodat2
+#define __NR_fchmodat2 452 /* 6.6 */
+#endif
+
 /* ---- io_uring (liburing 2.3 / 6.1 headers) ---- */
 #ifndef IORING_SETUP_NO_SQARRAY
 #define IORING_SETUP_NO_SQARRAY (1U << 16) /* 6.6 */

@@ -12,7 +12,9 @@ import sys
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the sections sit next to this file; dvs itself is used in place from the checkout
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE), str(_HERE.parent)]
 
 SECTIONS = ("probe", "container", "fs", "vm", "hypervisor", "virtio", "shield")
 

@@ -16,6 +16,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-system-common qemu-utils cpio xz-utils zstd squashfs-tools e2fsprogs
   # measuring and stressing
   strace linux-perf fio stress-ng dbench fsmark postmark sqlcipher libsqlcipher-dev iperf3
+  # the shield benchmark's AES-GCM ceiling (openssl speed)
+  openssl
   # VM introspection: gdb reads the ELF cores `dvs vm coredump` writes (tests)
   gdb
   # the C fast paths' fuzzing toolchain (clang + compiler-rt's libFuzzer/ASan/UBSan runtimes)

@@ -20,7 +20,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <grp.h>
 #include <linux/sched.h>
 #include <sched.h>
 #include <signal.h>
@@ -97,9 +96,14 @@ static __attribute__((noreturn)) void child_main(const struct dvs_spawn *req, in
 	for (int i = 0; i < 3; i++)
 		if (moved[i] >= 0 && dup2(moved[i], i) < 0)
 			child_fail(report_fd, DVS_STEP_STDIO, i);
-	if (req->gid >= 0 && (setgroups(0, NULL) < 0 || setresgid(req->gid, req->gid, req->gid) < 0))
+	/* raw syscalls, not glibc's setgroups/setres[ug]id: those broadcast the change to every
+	 * thread glibc believes exists (POSIX process-wide credentials), and after clone3 from a
+	 * threaded parent those threads exist only in glibc's copied bookkeeping -- it would wait
+	 * for them forever. The kernel's credentials are per thread, and we are the only one. */
+	if (req->gid >= 0 && (syscall(SYS_setgroups, 0, NULL) < 0 ||
+			      syscall(SYS_setresgid, req->gid, req->gid, req->gid) < 0))
 		child_fail(report_fd, DVS_STEP_CREDS, 0);
-	if (req->uid >= 0 && setresuid(req->uid, req->uid, req->uid) < 0)
+	if (req->uid >= 0 && syscall(SYS_setresuid, req->uid, req->uid, req->uid) < 0)
 		child_fail(report_fd, DVS_STEP_CREDS, 1);
 	if (req->cwd && chdir(req->cwd) < 0)
 		child_fail(report_fd, DVS_STEP_CHDIR, 0);
@@ -132,10 +136,13 @@ static int write_maps(int pid, const struct dvs_spawn *req)
 	if (req->uid_map)
 		err = write_file(pid, "uid_map", req->uid_map);
 	if (!err && req->gid_map) {
-		/* an unprivileged mapper must deny setgroups first; harmless for root */
-		int deny = write_file(pid, "setgroups", "deny");
-		if (deny && deny != -EPERM)
-			return deny;
+		/* an unprivileged mapper must deny setgroups first; a privileged one must not,
+		 * or the child could not drop its groups (setgroups(0) when asked for a gid) */
+		if (geteuid() != 0) {
+			int deny = write_file(pid, "setgroups", "deny");
+			if (deny && deny != -EPERM)
+				return deny;
+		}
 		err = write_file(pid, "gid_map", req->gid_map);
 	}
 	return err;

@@ -18,6 +18,7 @@
 #include <sys/mount.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <linux/capability.h>
 #include <unistd.h>
 
 #include "compat.h"
@@ -180,4 +181,52 @@ int dvs_open_by_handle_at(int mount_fd, const uint8_t *handle, uint32_t handle_b
 int dvs_userfaultfd(int flags)
 {
 	return (int)neg_errno(syscall(__NR_userfaultfd, flags));
+}
+
+/* ---- per-thread credentials (see sys.h) ---- */
+
+int dvs_sys_setfsuid(uint32_t uid)
+{
+	return (int)syscall(SYS_setfsuid, uid);
+}
+
+int dvs_sys_setfsgid(uint32_t gid)
+{
+	return (int)syscall(SYS_setfsgid, gid);
+}
+
+int dvs_sys_setgroups_thread(uint32_t n, const uint32_t *gids)
+{
+	return (int)neg_errno(syscall(SYS_setgroups, (size_t)n, gids));
+}
+
+int dvs_sys_cap_get(uint64_t *effective, uint64_t *permitted)
+{
+	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+	struct __user_cap_data_struct data[2];
+	if (syscall(SYS_capget, &hdr, data) < 0)
+		return -errno;
+	if (effective)
+		*effective = data[0].effective | (uint64_t)data[1].effective << 32;
+	if (permitted)
+		*permitted = data[0].permitted | (uint64_t)data[1].permitted << 32;
+	return 0;
+}
+
+int dvs_sys_cap_set_effective(uint64_t mask)
+{
+	struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+	struct __user_cap_data_struct data[2];
+	if (syscall(SYS_capget, &hdr, data) < 0)
+		return -errno;
+	uint64_t permitted = data[0].permitted | (uint64_t)data[1].permitted << 32;
+	uint64_t effective = permitted & mask;
+	data[0].effective = (uint32_t)effective;
+	data[1].effective = (uint32_t)(effective >> 32);
+	return (int)neg_errno(syscall(SYS_capset, &hdr, data));
+}
+
+int dvs_sys_fchmodat2(int dfd, const char *path, uint32_t mode, int flags)
+{
+	return (int)neg_errno(syscall(__NR_fchmodat2, dfd, path, mode, flags));
 }

@@ -106,4 +106,19 @@ struct dvs_spawn {
 int dvs_spawn(struct dvs_spawn *req);
 /* cffi:end */
 
+
+/* ---- internal helpers for the C core (not exported to Python) ----
+ * Per-thread credentials: Linux keeps fsuid/fsgid, supplementary groups and capability
+ * sets per task (thread). glibc's setgroups() broadcasts to every thread of the process
+ * (POSIX semantics), so a FUSE worker that acts with its caller's credentials must use the
+ * raw syscalls below, which change only the calling thread. */
+int dvs_sys_setfsuid(uint32_t uid);   /* returns the previous fsuid */
+int dvs_sys_setfsgid(uint32_t gid);   /* returns the previous fsgid */
+int dvs_sys_setgroups_thread(uint32_t n, const uint32_t *gids);
+/* The calling thread's effective capability set := permitted & mask (bit n = cap n). */
+int dvs_sys_cap_set_effective(uint64_t mask);
+int dvs_sys_cap_get(uint64_t *effective, uint64_t *permitted);
+/* fchmodat2(2) (6.6): AT_EMPTY_PATH works on O_PATH descriptors */
+int dvs_sys_fchmodat2(int dfd, const char *path, uint32_t mode, int flags);
+
 #endif /* DVS_SYS_H */

@@ -11,6 +11,7 @@ struct dvs_threads;
 int dvs_threads_create(uint32_t entries, uint32_t n_threads, struct dvs_threads **out);
 int dvs_threads_register_files(struct dvs_threads *t, const int32_t *fds, uint32_t n);
 int dvs_threads_enable(struct dvs_threads *t);
+int dvs_threads_update_file(struct dvs_threads *t, uint32_t index, int32_t fd);
 int dvs_threads_submit(struct dvs_threads *t, const struct dvs_io *ios, uint32_t n);
 int dvs_threads_reap(struct dvs_threads *t, struct dvs_io_done *out, uint32_t max,
 		     uint32_t min_wait);

@@ -86,6 +86,18 @@ int dvs_engine_enable(struct dvs_engine *e)
 	}
 }
 
+int dvs_engine_update_file(struct dvs_engine *e, uint32_t index, int32_t fd)
+{
+	switch (e->kind) {
+	case DVS_ENGINE_RING:
+		return dvs_ring_update_files(e->ring, index, &fd, 1);
+	case DVS_ENGINE_THREADS:
+		return dvs_threads_update_file(e->threads, index, fd);
+	default:
+		return -EOPNOTSUPP;
+	}
+}
+
 int dvs_engine_submit(struct dvs_engine *e, const struct dvs_io *ios, uint32_t n)
 {
 	switch (e->kind) {
@@ -116,6 +128,8 @@ int dvs_engine_submit_and_reap(struct dvs_engine *e, const struct dvs_io *ios, u
 			       uint32_t min_wait)
 {
 	*accepted = 0;
+	if (e->kind == DVS_ENGINE_RING)
+		return dvs_ring_submit_and_reap(e->ring, ios, n, accepted, out, max, min_wait);
 	if (n) {
 		int ret = dvs_engine_submit(e, ios, n);
 		if (ret < 0)

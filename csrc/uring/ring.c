@@ -193,7 +193,7 @@ static int register_restrictions(struct dvs_ring *r)
 		res[n++].sqe_op = ops[i];
 	}
 	res[n].opcode = IORING_RESTRICTION_SQE_FLAGS_ALLOWED;
-	res[n++].sqe_flags = IOSQE_FIXED_FILE | IOSQE_IO_LINK | IOSQE_IO_DRAIN;
+	res[n++].sqe_flags = IOSQE_FIXED_FILE | IOSQE_IO_LINK | IOSQE_IO_DRAIN | IOSQE_ASYNC;
 	res[n].opcode = IORING_RESTRICTION_SQE_FLAGS_REQUIRED;
 	res[n++].sqe_flags = IOSQE_FIXED_FILE;
 	if (r->flags & DVS_RING_ALLOW_FILE_UPDATE) {
@@ -249,7 +249,7 @@ static unsigned sq_pending(struct dvs_ring *r)
 static int valid_request(struct dvs_ring *r, const struct dvs_io *io)
 {
 	if (io->opcode > DVS_OP_FDATASYNC || io->reserved ||
-	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN)))
+	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN | DVS_IO_ASYNC)))
 		return 0;
 	if (io->file < 0 || (uint32_t)io->file >= r->n_files)
 		return 0;
@@ -315,6 +315,8 @@ static void write_sqe(struct dvs_ring *r, uint32_t s)
 		if (io->flags & DVS_IO_DRAIN)
 			sqe->flags |= IOSQE_IO_DRAIN;
 	}
+	if (io->flags & DVS_IO_ASYNC)
+		sqe->flags |= IOSQE_ASYNC;
 	sqe->user_data = ((uint64_t)slot->gen << 32) | s;
 	/* the SQ index array maps ring positions to SQEs; ours is the identity */
 	r->ring.sq.array[idx] = idx;
@@ -351,29 +353,44 @@ static void flush_requeues(struct dvs_ring *r)
 		write_sqe(r, r->requeue[--r->n_requeue]);
 }
 
-int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
+/* Write SQEs for as many requests as fit (entering the kernel only when the SQ is full);
+ * the caller publishes. Returns the count taken or -errno; *invalid: ios[count] is bad. */
+static int queue_requests(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n,
+			  int *invalid_out)
 {
-	if (!r->enabled)
-		return -EBADFD;
-	if (wrong_thread(r))
-		return -EEXIST;
 	flush_requeues(r);
 	uint32_t accepted = 0;
 	int invalid = 0;
+	uint32_t chain_left = 0; /* members of the current LINK chain still to write */
 	while (accepted < n) {
 		if (!valid_request(r, &ios[accepted])) {
 			invalid = 1;
 			break;
 		}
-		if (r->n_free == 0)
-			break;
-		if (sq_full(r)) {
-			int ret = publish(r, 0, 0);
-			if (ret < 0)
-				return accepted ? (int)accepted : ret;
-			if (sq_full(r))
+		if (!chain_left) {
+			/* a LINK chain goes into the SQ whole, in one enter: the kernel ends a chain
+			 * at the end of a submission, so a split chain would run unordered */
+			uint32_t len = 1;
+			while ((ios[accepted + len - 1].flags & DVS_IO_LINK) && accepted + len < n)
+				len++;
+			if (len > r->ring.sq.ring_entries || len > r->n_slots) {
+				invalid = 1;
 				break;
+			}
+			unsigned space = r->ring.sq.ring_entries - (r->sq_tail -
+					 io_uring_smp_load_acquire(r->ring.sq.khead));
+			if (len > space) {
+				int ret = publish(r, 0, 0);
+				if (ret < 0)
+					return accepted ? (int)accepted : ret;
+				space = r->ring.sq.ring_entries - (r->sq_tail -
+					 io_uring_smp_load_acquire(r->ring.sq.khead));
+			}
+			if (len > space || len > r->n_free)
+				break;
+			chain_left = len;
 		}
+		chain_left--;
 		uint32_t s = r->free_slots[--r->n_free];
 		struct ring_slot *slot = &r->slots[s];
 		slot->io = ios[accepted];
@@ -387,6 +404,20 @@ int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
 		r->stats.queue_full++;
 	r->stats.submitted += accepted;
 	r->stats.in_flight = r->n_slots - r->n_free;
+	*invalid_out = invalid;
+	return (int)accepted;
+}
+
+int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
+{
+	if (!r->enabled)
+		return -EBADFD;
+	if (wrong_thread(r))
+		return -EEXIST;
+	int invalid = 0;
+	int accepted = queue_requests(r, ios, n, &invalid);
+	if (accepted < 0)
+		return accepted;
 	if (accepted || sq_pending(r)) {
 		int ret = publish(r, 0, 0);
 		if (ret < 0 && !accepted)
@@ -394,7 +425,7 @@ int dvs_ring_submit(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n)
 	}
 	if (invalid && accepted == 0)
 		return -EINVAL;
-	return (int)accepted;
+	return accepted;
 }
 
 /* ---- completion ---- */
@@ -505,6 +536,25 @@ int dvs_ring_reap(struct dvs_ring *r, struct dvs_io_done *out, uint32_t max,
 			break;
 	}
 	return (int)n;
+}
+
+int dvs_ring_submit_and_reap(struct dvs_ring *r, const struct dvs_io *ios, uint32_t n,
+			     uint32_t *accepted, struct dvs_io_done *out, uint32_t max,
+			     uint32_t min_wait)
+{
+	if (!r->enabled)
+		return -EBADFD;
+	if (wrong_thread(r))
+		return -EEXIST;
+	int invalid = 0;
+	int taken = queue_requests(r, ios, n, &invalid);
+	if (taken < 0)
+		return taken;
+	*accepted = (uint32_t)taken;
+	if (invalid && taken == 0)
+		return -EINVAL;
+	/* the reap's io_uring_enter carries the new SQEs too: one syscall for both */
+	return dvs_ring_reap(r, out, max, min_wait);
 }
 
 int dvs_ring_stats(struct dvs_ring *r, struct dvs_io_stats *out)

@@ -253,6 +253,18 @@ int dvs_threads_register_files(struct dvs_threads *t, const int32_t *fds, uint32
 	return 0;
 }
 
+int dvs_threads_update_file(struct dvs_threads *t, uint32_t index, int32_t fd)
+{
+	if (index >= t->n_files)
+		return -EINVAL;
+	lock(t);
+	int busy = t->fifo_len || t->running;
+	if (!busy)
+		t->fds[index] = fd;
+	unlock(t);
+	return busy ? -EBUSY : 0;
+}
+
 int dvs_threads_enable(struct dvs_threads *t)
 {
 	for (uint32_t i = 0; i < t->n_threads; i++) {
@@ -268,7 +280,7 @@ int dvs_threads_enable(struct dvs_threads *t)
 static int valid(struct dvs_threads *t, const struct dvs_io *io)
 {
 	if (io->opcode > DVS_OP_FDATASYNC || io->reserved ||
-	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN)))
+	    (io->flags & ~(DVS_IO_LINK | DVS_IO_DRAIN | DVS_IO_ASYNC)))
 		return 0;
 	if (io->file < 0 || (uint32_t)io->file >= t->n_files)
 		return 0;

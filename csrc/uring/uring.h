@@ -8,7 +8,7 @@
  * - io_uring_setup(IORING_SETUP_R_DISABLED) creates a ring that accepts no SQEs until
  *   IORING_REGISTER_ENABLE_RINGS; before that, IORING_REGISTER_RESTRICTIONS may limit it
  *   to an allow-list of opcodes and SQE flags (5.10). dvs allows NOP, READ(_FIXED),
- *   WRITE(_FIXED) and FSYNC, allows IOSQE_IO_LINK/IO_DRAIN and *requires*
+ *   WRITE(_FIXED) and FSYNC, allows IOSQE_IO_LINK/IO_DRAIN/ASYNC and *requires*
  *   IOSQE_FIXED_FILE, so an enabled ring can only touch the files registered before.
  * - SINGLE_ISSUER (6.0): only the task (thread) that enabled the ring may submit; another
  *   thread gets -EEXIST. COOP_TASKRUN + TASKRUN_FLAG (5.19): completions that need task
@@ -43,6 +43,8 @@
 /* request flags (struct dvs_io.flags) */
 #define DVS_IO_LINK 1  /* the next request starts after this one succeeded (else -ECANCELED) */
 #define DVS_IO_DRAIN 2 /* starts after every earlier request completed; later ones wait */
+#define DVS_IO_ASYNC 4 /* hand it to a kernel worker at once (IOSQE_ASYNC): lets a page-cache
+			* copy run on another CPU while the submitter works */
 
 #define DVS_IO_NO_BUF 0xffff /* buf: the address is plain memory, not a registered buffer */
 
@@ -133,6 +135,10 @@ int dvs_ring_submit(struct dvs_ring *ring, const struct dvs_io *ios, uint32_t n)
  * (min_wait is capped at what is in flight). Returns the number written. */
 int dvs_ring_reap(struct dvs_ring *ring, struct dvs_io_done *out, uint32_t max,
 		  uint32_t min_wait);
+/* Both at once, with one io_uring_enter (to_submit + GETEVENTS) where one is needed. */
+int dvs_ring_submit_and_reap(struct dvs_ring *ring, const struct dvs_io *ios, uint32_t n,
+			     uint32_t *accepted, struct dvs_io_done *out, uint32_t max,
+			     uint32_t min_wait);
 int dvs_ring_stats(struct dvs_ring *ring, struct dvs_io_stats *out);
 int dvs_ring_info(struct dvs_ring *ring, struct dvs_ring_info *out);
 /* The ring fd (for tests that poke the kernel object directly). */
@@ -167,6 +173,9 @@ int dvs_engine_create(const struct dvs_engine_params *params, struct dvs_engine 
 int dvs_engine_register_files(struct dvs_engine *e, const int32_t *fds, uint32_t n);
 int dvs_engine_register_buffers(struct dvs_engine *e, const struct dvs_buf *bufs, uint32_t n);
 int dvs_engine_enable(struct dvs_engine *e);
+/* Point registered file `index` at another fd (-1: none), e.g. to reuse an engine for the
+ * next file; a ring needs DVS_RING_ALLOW_FILE_UPDATE. */
+int dvs_engine_update_file(struct dvs_engine *e, uint32_t index, int32_t fd);
 int dvs_engine_submit(struct dvs_engine *e, const struct dvs_io *ios, uint32_t n);
 int dvs_engine_reap(struct dvs_engine *e, struct dvs_io_done *out, uint32_t max,
 		    uint32_t min_wait);

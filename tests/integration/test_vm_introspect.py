@@ -15,6 +15,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,15 +297,22 @@ HEARTBEAT = (
 def run_sideload_series(guest: LinuxGuest, kernel: LinuxKernel, runs: int) -> None:
     guest.check("pkill -f dvs-heartbeat; rm -f /tmp/dvs-heartbeat; " + HEARTBEAT)
     bad_before = len(BAD_DMESG.findall(guest.check("dmesg")))
+    # read before the console level goes up: kernel lines would interleave with the output
+    beats_before = int(guest.check("sleep 1; wc -l < /tmp/dvs-heartbeat").strip())
     # The console shows KERN_INFO only while we inject (the fixture keeps it at emergencies).
     guest.check("dmesg -n 7")
-    beats_before = int(guest.check("sleep 1; wc -l < /tmp/dvs-heartbeat").strip())
     tag = secrets.token_hex(4)
     loader = Sideloader(kernel)
     results = []
     try:
         for run in range(runs):
             results.append(loader.inject(f"dvs-sideload {tag} run {run + 1}", timeout=60))
+        # the console prints after the log buffer has the line: on a loaded host the UART
+        # lags, so wait for the last marker before taking the snapshot
+        last = f"dvs-sideload {tag} run {runs}"
+        deadline = time.monotonic() + 30
+        while last not in guest.serial_log and time.monotonic() < deadline:
+            time.sleep(0.1)
         console = guest.serial_log  # before any command echoes the kernel log back
     finally:
         guest.check("dmesg -n 1")

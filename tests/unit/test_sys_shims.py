@@ -9,6 +9,7 @@ import errno
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,38 @@ def test_spawn_reports_exit_status_and_output() -> None:
     assert os.read(r, 100) == b"out\n"
     os.close(r)
     proc.close()
+
+
+@pytest.mark.timeout(60)
+def test_spawn_sets_credentials_from_a_threaded_parent() -> None:
+    """Credentials change in the child while the parent's other threads start and stop
+    threads (as a FUSE server's do): glibc's setxid would wait in the child for threads --
+    and locks -- it copied but does not have, so the child must use raw syscalls."""
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            short = threading.Thread(target=lambda: None)
+            short.start()
+            short.join()
+
+    workers = [threading.Thread(target=churn) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(200):
+            r, w = os.pipe()
+            proc = llsys.spawn(["/bin/sh", "-c", "echo $(id -u) $(id -g) $(id -G)"],
+                               stdio=(-1, w, -1), uid=65534, gid=65533)  # fmt: skip
+            os.close(w)
+            assert proc.wait(10) == 0
+            assert os.read(r, 100).split() == [b"65534", b"65533", b"65533"]
+            os.close(r)
+            proc.close()
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
 
 
 def test_spawn_names_the_failed_step() -> None:

@@ -306,3 +306,29 @@ def test_registered_files_can_be_swapped_when_allowed(data_file: int, tmp_path: 
         assert info.value.errno == errno.EACCES
     os.close(other)
     buf.close()
+
+
+@pytest.mark.parametrize("kind", ["io_uring", "threads"])
+def test_a_link_chain_is_taken_whole_or_handed_back(kind: u.EngineKind, data_file: int) -> None:
+    """The kernel ends a chain at the end of a submission, so a chain must never be split
+    across two: when it does not fit, it is handed back whole."""
+    buf = u.Buffer(64 * 4096)
+    with u.Engine(kind, files=[data_file], buffers=[buf], entries=8) as engine:
+        cap = engine.max_in_flight
+        single = u.IoArray(cap - 3)
+        _fill(single, u.OP_READ, buf, np.zeros(cap - 3, dtype=np.uint64))
+        assert engine.submit(single) == cap - 3
+        chain = u.IoArray(5)
+        _fill(chain, u.OP_READ, buf, np.arange(5, dtype=np.uint64) * 4096)
+        chain.np["flags"][:4] = u.IO_LINK
+        assert engine.submit(chain) == 0, "five linked requests do not fit in three slots"
+        done = u.DoneArray(cap)
+        got = 0
+        while got < cap - 3:
+            got += engine.reap(done, min_wait=1)
+        assert engine.submit(chain) == 5
+        got = 0
+        while got < 5:
+            got += engine.reap(done, min_wait=1)
+        assert engine.stats().in_flight == 0
+    buf.close()

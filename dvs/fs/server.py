@@ -1,0 +1,334 @@
+"""Starting, mounting, observing and stopping a CntrFS server.
+
+Kernel semantics relied on:
+- A FUSE filesystem is created with the new mount API: ``fsopen("fuse")``, ``fsconfig`` of
+  ``fd`` (our /dev/fuse descriptor), ``rootmode``, ``user_id``/``group_id``,
+  ``allow_other`` and ``default_permissions``, then ``FSCONFIG_CMD_CREATE`` (the kernel
+  queues FUSE_INIT right there) and ``fsmount`` -- a *detached* mount, attached with
+  ``move_mount`` at a path, or handed to another mount namespace (container attach). The
+  fsopen descriptor references the device, so it is closed at once: otherwise killing the
+  server would not abort the connection.
+- ``default_permissions``: the kernel checks permissions against the attributes we report
+  (which are mapped through the target's id maps) before a request reaches us; the server
+  then acts with the caller's (mapped) credentials, so the backing filesystem checks again.
+  ``allow_other``: callers in other user namespaces (a container's) may use the mount.
+- Unmounting makes the workers' reads fail with ENODEV: they end by themselves. A lazy
+  unmount (MNT_DETACH) of a busy mount keeps serving the open files until they are closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+from dvs.errors import DvsError, KernelLacksFeature, NotPermitted
+from dvs.lowlevel import fuse as llfuse
+from dvs.lowlevel import sys as llsys
+from dvs.lowlevel.fuse import IdRange, Negotiated, Stats
+
+log = logging.getLogger("dvs.fs")
+
+FSTYPE_SUBTYPE = "dvs"  # shows as fuse.dvs in /proc/self/mountinfo
+
+
+_FLAG_OPTIONS: dict[str, tuple[str, bool]] = {
+    "ro": ("read_only", True),
+    "rw": ("read_only", False),
+    "nosuid": ("nosuid", True),
+    "suid": ("nosuid", False),
+    "nodev": ("nodev", True),
+    "dev": ("nodev", False),
+    "noexec": ("noexec", True),
+    "exec": ("noexec", False),
+    "passthrough": ("passthrough", True),
+    "nopassthrough": ("passthrough", False),
+    "writeback": ("writeback", True),
+    "nowriteback": ("writeback", False),
+    "allow_other": ("allow_other", True),
+    "noallow_other": ("allow_other", False),
+    "default_permissions": ("default_permissions", True),
+    "nodefault_permissions": ("default_permissions", False),
+    "debug": ("debug", True),
+}
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """Everything a CntrFS mount can be asked for (``dvs fs mount -o``)."""
+
+    passthrough: bool = True  # kernel passthrough for regular files (Linux 6.9+)
+    writeback: bool = True  # writeback cache, used only when passthrough is off
+    workers: int = 0  # 0: two per CPU
+    max_pages: int = 256  # largest request: 256 pages = 1 MiB
+    fd_budget: int = 0  # O_PATH descriptors kept for inodes; 0: half of RLIMIT_NOFILE
+    entry_timeout: float = 1.0  # seconds the kernel may cache names (and negative names)
+    attr_timeout: float = 1.0  # seconds it may cache attributes
+    read_only: bool = False
+    nosuid: bool = False
+    nodev: bool = False
+    noexec: bool = False
+    allow_other: bool = True
+    default_permissions: bool = True
+    debug: bool = False  # log every request (slow)
+    uid_map: tuple[IdRange, ...] = ()
+    gid_map: tuple[IdRange, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, base: MountOptions | None = None) -> MountOptions:
+        """Parse ``-o`` syntax: ``ro,nopassthrough,timeout=5,workers=4,uid_map=0:100000:65536``."""
+        opts = base or cls()
+        changes: dict[str, object] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, _, value = item.partition("=")
+            if not value and key in _FLAG_OPTIONS:
+                name, flag = _FLAG_OPTIONS[key]
+                changes[name] = flag
+            elif key in ("workers", "max_pages", "fd_budget"):
+                changes[key] = _int_option(key, value)
+            elif key == "timeout":
+                changes["entry_timeout"] = changes["attr_timeout"] = _float_option(key, value)
+            elif key in ("entry_timeout", "attr_timeout"):
+                changes[key] = _float_option(key, value)
+            elif key in ("uid_map", "gid_map"):
+                changes[key] = parse_id_map(value)
+            else:
+                raise DvsError(f"unknown mount option {item!r}")
+        return replace(opts, **changes)  # type: ignore[arg-type]
+
+    def server_flags(self) -> int:
+        flags = 0
+        if self.passthrough:
+            flags |= llfuse.WANT_PASSTHROUGH
+        if self.writeback:
+            flags |= llfuse.WANT_WRITEBACK
+        if self.debug:
+            flags |= llfuse.DEBUG
+        return flags
+
+    def mount_attrs(self) -> int:
+        attrs = 0
+        if self.read_only:
+            attrs |= llsys.MOUNT_ATTR_RDONLY
+        if self.nosuid:
+            attrs |= llsys.MOUNT_ATTR_NOSUID
+        if self.nodev:
+            attrs |= llsys.MOUNT_ATTR_NODEV
+        if self.noexec:
+            attrs |= llsys.MOUNT_ATTR_NOEXEC
+        return attrs
+
+
+def _int_option(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise DvsError(f"mount option {key} needs an integer, got {value!r}") from None
+    if number < 0:
+        raise DvsError(f"mount option {key} must not be negative")
+    return number
+
+
+def _float_option(key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise DvsError(f"mount option {key} needs a number of seconds, got {value!r}") from None
+    if number < 0:
+        raise DvsError(f"mount option {key} must not be negative")
+    return number
+
+
+def parse_id_map(text: str) -> tuple[IdRange, ...]:
+    """``inside:outside:count[/inside:outside:count...]`` (the uid_map columns)."""
+    ranges = []
+    for part in filter(None, text.replace("/", " ").split()):
+        fields = part.split(":")
+        if len(fields) != 3 or not all(f.isdigit() for f in fields):
+            raise DvsError(f"id map entries are inside:outside:count, got {part!r}")
+        inside, outside, count = (int(f) for f in fields)
+        if count == 0 or inside + count > 1 << 32 or outside + count > 1 << 32:
+            raise DvsError(f"id map entry {part!r} is out of range")
+        ranges.append(IdRange(inside, outside, count))
+    return tuple(ranges)
+
+
+def read_id_map(pid: int, kind: str) -> tuple[IdRange, ...]:
+    """The uid_map or gid_map of process ``pid``; () when it is the identity (init ns)."""
+    if kind not in ("uid", "gid"):
+        raise ValueError(kind)
+    with open(f"/proc/{pid}/{kind}_map") as f:
+        ranges = tuple(IdRange(int(a), int(b), int(c)) for a, b, c in (line.split() for line in f))
+    if ranges == (IdRange(0, 0, 4294967295),):
+        return ()
+    return ranges
+
+
+class CntrFs:
+    """One CntrFS server for one source directory, mounted once.
+
+    ``mount(path)`` attaches it at a path; ``make_mount_fd()`` returns a detached mount for
+    another mount namespace. Either starts the C workers and waits for FUSE_INIT. ``stop``
+    (or leaving the ``with`` block) unmounts a path mount and aborts the connection.
+    """
+
+    def __init__(self, source: str | os.PathLike[str], options: MountOptions | None = None):
+        self.source = os.path.realpath(os.fspath(source))
+        if not os.path.isdir(self.source):
+            raise DvsError(f"the FUSE source {self.source!r} is not a directory")
+        self.options = options or MountOptions()
+        self.mountpoint: str | None = None
+        self.negotiated: Negotiated | None = None
+        self._raw = llfuse.RawServer(
+            self.source,
+            flags=self.options.server_flags(),
+            workers=self.options.workers,
+            max_pages=self.options.max_pages,
+            fd_budget=self.options.fd_budget,
+            entry_timeout=self.options.entry_timeout,
+            attr_timeout=self.options.attr_timeout,
+            uid_map=self.options.uid_map,
+            gid_map=self.options.gid_map,
+        )
+        self._started = False
+        self._stopped = False
+
+    # ---- mounting ------------------------------------------------------------------------
+
+    def make_mount_fd(self, init_timeout: float = 10.0) -> int:
+        """Create the FUSE filesystem as a detached mount; the caller owns the returned fd."""
+        if self._started:
+            raise DvsError("this CntrFS server is already mounted; start another one")
+        opts = self.options
+        try:
+            fsfd = llsys.fsopen("fuse")
+        except OSError as exc:
+            raise _mount_error(exc, "fsopen(fuse)") from exc
+        try:
+            config = [
+                ("source", self.source),
+                ("subtype", FSTYPE_SUBTYPE),
+                ("fd", str(self._raw.dev_fd)),
+                ("rootmode", "40000"),
+                ("user_id", "0"),
+                ("group_id", "0"),
+            ]
+            for key, value in config:
+                llsys.fsconfig(fsfd, llsys.FSCONFIG_SET_STRING, key, value)
+            if opts.allow_other:
+                llsys.fsconfig(fsfd, llsys.FSCONFIG_SET_FLAG, "allow_other")
+            if opts.default_permissions:
+                llsys.fsconfig(fsfd, llsys.FSCONFIG_SET_FLAG, "default_permissions")
+            llsys.fsconfig(fsfd, llsys.FSCONFIG_CMD_CREATE)
+            mount_fd = llsys.fsmount(fsfd, llsys.FSMOUNT_CLOEXEC, opts.mount_attrs())
+        except OSError as exc:
+            raise _mount_error(exc, "creating the FUSE mount") from exc
+        finally:
+            os.close(fsfd)
+        try:
+            self._raw.start()
+            self._started = True
+            self.wait_initialized(init_timeout)
+        except BaseException:
+            os.close(mount_fd)
+            raise
+        return mount_fd
+
+    def mount(self, mountpoint: str | os.PathLike[str], init_timeout: float = 10.0) -> None:
+        """Mount at ``mountpoint`` (an existing directory)."""
+        target = os.path.realpath(os.fspath(mountpoint))
+        if not os.path.isdir(target):
+            raise DvsError(f"the mount point {target!r} is not a directory")
+        mount_fd = self.make_mount_fd(init_timeout)
+        try:
+            llsys.move_mount(mount_fd, "", llsys.AT_FDCWD, target, llsys.MOVE_MOUNT_F_EMPTY_PATH)
+        except OSError as exc:
+            self.stop()
+            raise _mount_error(exc, f"attaching the FUSE mount at {target}") from exc
+        finally:
+            os.close(mount_fd)
+        self.mountpoint = target
+        log.info("CntrFS: %s mounted at %s", self.source, target)
+
+    def wait_initialized(self, timeout: float = 10.0) -> Negotiated:
+        try:
+            self.negotiated = self._raw.wait_init(timeout)
+        except OSError as exc:
+            self._forward_log()
+            raise DvsError(f"the kernel did not initialise the FUSE connection: {exc}") from exc
+        self._forward_log()
+        return self.negotiated
+
+    def unmount(self, lazy: bool = False) -> None:
+        if self.mountpoint is None:
+            return
+        llsys.umount2(self.mountpoint, llsys.MNT_DETACH if lazy else 0)
+        log.info("CntrFS: unmounted %s", self.mountpoint)
+        self.mountpoint = None
+
+    def wait_unmounted(self, timeout: float | None = None) -> bool:
+        """Block until the kernel ends the connection (unmount); True if it did."""
+        if not self._started:
+            return True
+        if timeout is None:
+            while not self._raw.wait_exit(3600.0):
+                pass
+            return True
+        return self._raw.wait_exit(timeout)
+
+    # ---- observing -----------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        return self._raw.stats()
+
+    def log_lines(self) -> list[str]:
+        """Pending server log lines (negotiation results, degradations); also logged."""
+        return self._forward_log()
+
+    def _forward_log(self) -> list[str]:
+        lines = self._raw.drain_log()
+        for line in lines:
+            level = logging.WARNING if "fail" in line or "did not" in line else logging.INFO
+            log.log(level, "CntrFS %s: %s", self.source, line)
+        return lines
+
+    # ---- stopping ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Unmount (lazily) if mounted at a path, end the workers, abort the connection."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.mountpoint is not None:
+            try:
+                self.unmount(lazy=True)
+            except OSError as exc:
+                log.warning("CntrFS: unmounting %s: %s", self.mountpoint, exc)
+                self.mountpoint = None
+        self._raw.stop()
+        self._forward_log()
+
+    def close(self) -> None:
+        self.stop()
+        self._raw.free()
+
+    def __enter__(self) -> CntrFs:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _mount_error(exc: OSError, what: str) -> DvsError:
+    if exc.errno == errno.EPERM:
+        return NotPermitted(f"{what}: mounting FUSE needs CAP_SYS_ADMIN ({exc.strerror})")
+    if exc.errno == errno.ENODEV:
+        return KernelLacksFeature("the fuse filesystem", "CONFIG_FUSE_FS", str(exc))
+    return DvsError(f"{what}: {exc.strerror or exc}")
