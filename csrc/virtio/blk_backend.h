@@ -12,7 +12,7 @@
  *
  * Backends: a plain file or block device with synchronous preadv/pwritev (blk_file.c); the
  * same file through the shared io_uring engine of csrc/uring (blk_ring.c); a sealed
- * (shielded) volume plugs in through the same ops.
+ * (shielded) volume of csrc/shield (blk_shield.c).
  */
 #ifndef DVS_BLK_BACKEND_H
 #define DVS_BLK_BACKEND_H
@@ -47,6 +47,10 @@ int dvs_blk_backend_file_deferred(int fd, uint32_t depth, struct dvs_blk_backend
 #define DVS_BLK_RING_WRITES_ON_RING 1
 int dvs_blk_backend_ring(int fd, uint32_t entries, uint32_t options,
 			 struct dvs_blk_backend **out);
+/* A sealed volume of csrc/shield (which stays the caller's and must outlive the backend;
+ * serve the device from the thread that opened the volume). See blk_shield.c. */
+struct dvs_shield_volume;
+int dvs_blk_backend_shield(struct dvs_shield_volume *vol, struct dvs_blk_backend **out);
 /* Size of the backing store in bytes. */
 int64_t dvs_blk_backend_size(struct dvs_blk_backend *be);
 const char *dvs_blk_backend_name(const struct dvs_blk_backend *be);

@@ -28,6 +28,7 @@ from typing import Literal
 from dvs.errors import GuestProtocolError
 from dvs.lowlevel import check, ffi, lib
 from dvs.lowlevel.guestmem import GuestMemory
+from dvs.lowlevel.shield import VolumeHandle
 
 VIRTIO_F_INDIRECT_DESC: int = lib.DVS_VIRTIO_F_INDIRECT_DESC
 VIRTIO_F_EVENT_IDX: int = lib.DVS_VIRTIO_F_EVENT_IDX
@@ -225,12 +226,14 @@ class BlkStats:
 
 
 class BlkDevice:
-    """A virtio-blk device model over a backing file descriptor (which stays the caller's)."""
+    """A virtio-blk device model over a backing file descriptor (which stays the caller's),
+    or over a sealed volume (``BlkDevice.on_sealed_volume``)."""
 
     def __init__(
         self,
         fd: int,
         *,
+        sealed_volume: VolumeHandle | None = None,
         read_only: bool = False,
         device_id: bytes = b"dvs",
         capacity_sectors: int = 0,
@@ -249,7 +252,11 @@ class BlkDevice:
         if len(device_id) > lib.DVS_VIRTIO_BLK_ID_BYTES:
             raise ValueError(f"device id {device_id!r} is longer than 20 bytes")
         backend = ffi.new("struct dvs_blk_backend **")
-        if engine == "io_uring":
+        if sealed_volume is not None:
+            # the volume's C handle; the volume must outlive this device
+            ret = lib.dvs_blk_backend_shield(sealed_volume._h, backend)
+            engine = "sync"
+        elif engine == "io_uring":
             options = lib.DVS_BLK_RING_WRITES_ON_RING if ring_writes else 0
             ret = lib.dvs_blk_backend_ring(fd, depth or 256, options, backend)
         elif engine == "deferred":
@@ -271,6 +278,28 @@ class BlkDevice:
         self._result = ffi.new("struct dvs_blk_result *")
         self.read_only = read_only
         self.engine = engine
+        self.is_sealed = sealed_volume is not None
+        self._volume = sealed_volume  # keeps the volume alive as long as the device
+
+    @classmethod
+    def on_sealed_volume(
+        cls,
+        volume: VolumeHandle,
+        *,
+        read_only: bool = False,
+        device_id: bytes = b"dvs",
+        num_queues: int = 1,
+    ) -> BlkDevice:
+        """A device whose storage is a sealed volume (authenticated encryption, atomic
+        flush): a block failing authentication reaches the guest as an I/O error. The
+        volume's engine belongs to the thread that opened it: serve the device from there."""
+        return cls(
+            -1,
+            sealed_volume=volume,
+            read_only=read_only,
+            device_id=device_id,
+            num_queues=num_queues,
+        )
 
     @property
     def c_handle(self) -> object:

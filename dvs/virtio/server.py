@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from dvs.errors import DvsError
 from dvs.lowlevel.virtio import (
@@ -65,6 +66,11 @@ class BlkServer:
 
         with BlkServer("disk.img", "/run/disk.sock") as server:
             ...  # start QEMU with -chardev socket,path=/run/disk.sock
+
+    With ``sealed=True`` the image is a sealed volume of ``dvs.shield`` (opened with ``key``
+    or ``passphrase``): the guest sees its plaintext, the file holds only authenticated
+    ciphertext, a guest FLUSH is a durable atomic commit, and a tampered block reaches the
+    guest as an I/O error.
     """
 
     def __init__(
@@ -78,26 +84,35 @@ class BlkServer:
         engine: BlkEngine | None = None,
         depth: int = 0,
         poll_us: int = 0,
+        sealed: bool = False,
+        key: bytes | None = None,
+        passphrase: str | None = None,
     ) -> None:
         """``engine``: how disk I/O is done (``BlkDevice``); default ``io_uring`` where
-        the probe finds a usable ring, else ``sync``."""
+        the probe finds a usable ring, else ``sync``. A sealed volume does its own I/O."""
         self.image = Path(image)
         self.socket_path = Path(socket_path)
         self.read_only = read_only
         self.device_id = device_id.encode()
         self.num_queues = num_queues
-        self.engine: BlkEngine = engine or default_engine()
+        self.sealed = sealed
+        self.engine: BlkEngine = "sync" if sealed else (engine or default_engine())
         self.depth = depth
         self.poll_us = poll_us
+        self._key = key
+        self._passphrase = passphrase
         self._fd = -1
         self._stop_fd = -1
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._device: BlkDevice | None = None
         self._backend: VhostUserBlk | None = None
+        self._volume: Any = None
+        self._ready = threading.Event()
         self._connections = 0
         self._protocol_errors: list[str] = []
         self._failure: BaseException | None = None
+        self._last_stats: ServerStats | None = None
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -113,36 +128,73 @@ class BlkServer:
     ) -> None:
         self.close()
 
-    def start(self) -> None:
+    def start(self, timeout: float = 120.0) -> None:
+        """Open the storage and listen; returns once front-ends can connect. The storage is
+        opened on the serving thread, which every engine bound to one thread needs (the
+        io_uring ring, a sealed volume's engine)."""
         try:
-            self._open_image()
             self._listen()
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
             self._thread = threading.Thread(
-                target=self._serve, name=f"dvs-vhost-user-blk {self.socket_path}", daemon=True
+                target=self._run, name=f"dvs-vhost-user-blk {self.socket_path}", daemon=True
             )
             self._thread.start()
+            if not self._ready.wait(timeout):
+                raise ServerError(f"the storage of {self.image} did not open within {timeout} s")
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
         except BaseException:
             self.close()
             raise
 
-    def _open_image(self) -> None:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            self._fd = os.open(self.image, flags)
-        except OSError as exc:
-            raise ServerError(f"cannot open the disk image {self.image}: {exc}") from exc
-        self._device = BlkDevice(
-            self._fd,
-            read_only=self.read_only,
-            device_id=self.device_id,
-            num_queues=self.num_queues,
-            engine=self.engine,
-            depth=self.depth,
-        )
+    def _open_storage(self) -> None:
+        if self.sealed:
+            from dvs.shield.volume import Volume
+
+            try:
+                self._volume = Volume.open(
+                    self.image,
+                    key=self._key,
+                    passphrase=self._passphrase,
+                    readonly=self.read_only,
+                )
+            except OSError as exc:
+                raise ServerError(f"cannot open the sealed volume {self.image}: {exc}") from exc
+            self._device = BlkDevice.on_sealed_volume(
+                self._volume._live(),  # the volume's C handle, served from this thread
+                read_only=self.read_only,
+                device_id=self.device_id,
+                num_queues=self.num_queues,
+            )
+        else:
+            flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+            try:
+                self._fd = os.open(self.image, flags)
+            except OSError as exc:
+                raise ServerError(f"cannot open the disk image {self.image}: {exc}") from exc
+            self._device = BlkDevice(
+                self._fd,
+                read_only=self.read_only,
+                device_id=self.device_id,
+                num_queues=self.num_queues,
+                engine=self.engine,
+                depth=self.depth,
+            )
         if self._device.capacity_sectors == 0:
             raise ServerError(f"{self.image} is smaller than one 512-byte sector")
         self._backend = VhostUserBlk(self._device, poll_us=self.poll_us)
+
+    def _close_storage(self) -> None:
+        self._backend = None
+        if self._device is not None:
+            self._device.close()
+        if self._volume is not None:
+            volume, self._volume = self._volume, None
+            volume.close()  # commits what the guest wrote since its last flush
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _listen(self) -> None:
         try:
@@ -162,24 +214,41 @@ class BlkServer:
             raise ServerError(f"cannot listen on {self.socket_path}: {exc}") from exc
         self._listener = listener
 
+    def _run(self) -> None:
+        """The serving thread: open the storage, serve front-ends, close the storage."""
+        try:
+            self._open_storage()
+        except BaseException as exc:
+            self._failure = exc
+            self._close_storage()
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._serve()
+        except BaseException as exc:  # reported by close(); the thread must not die silently
+            self._failure = exc
+        finally:
+            try:
+                self._close_storage()
+            except BaseException as exc:
+                self._failure = self._failure or exc
+
     def _serve(self) -> None:
         """Accept front-ends one at a time until stopped."""
         assert self._listener is not None and self._backend is not None
-        try:
-            while True:
-                ready, _, _ = select.select([self._listener.fileno(), self._stop_fd], [], [])
-                if self._stop_fd in ready:
-                    return
-                connection, _ = self._listener.accept()
-                self._connections += 1
-                with connection:
-                    try:
-                        if self._backend.serve(connection.fileno(), self._stop_fd):
-                            return
-                    except VhostUserProtocolError as exc:
-                        self._protocol_errors.append(exc.rule)
-        except BaseException as exc:  # reported by close(); the thread must not die silently
-            self._failure = exc
+        while True:
+            ready, _, _ = select.select([self._listener.fileno(), self._stop_fd], [], [])
+            if self._stop_fd in ready:
+                return
+            connection, _ = self._listener.accept()
+            self._connections += 1
+            with connection:
+                try:
+                    if self._backend.serve(connection.fileno(), self._stop_fd):
+                        return
+                except VhostUserProtocolError as exc:
+                    self._protocol_errors.append(exc.rule)
 
     def wait_connected(self, timeout: float) -> bool:
         """True once a front-end has connected (for tests and the CLI's status line)."""
@@ -193,22 +262,28 @@ class BlkServer:
         return bool(self._connections)
 
     def stats(self) -> ServerStats:
+        """Counters so far (also after ``close()``: the last values)."""
         if self._device is None or self._backend is None:
+            if self._last_stats is not None:
+                return self._last_stats
             raise ServerError("the server is not running")
-        return ServerStats(
+        self._last_stats = ServerStats(
             self._device.stats(),
             self._backend.stats(),
             self._connections,
             tuple(self._protocol_errors),
         )
+        return self._last_stats
 
     def close(self) -> None:
-        """Stop serving (the guest's disk goes away), release the socket, file and device."""
+        """Stop serving (the guest's disk goes away), release the socket and the storage."""
         if self._thread is not None:
+            if self._device is not None and self._backend is not None:
+                self.stats()  # keep the final counters readable after close
             os.eventfd_write(self._stop_fd, 1)
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=60)
             if self._thread.is_alive():
-                raise ServerError("the vhost-user server thread did not stop within 30 s")
+                raise ServerError("the vhost-user server thread did not stop within 60 s")
             self._thread = None
         if self._listener is not None:
             self._listener.close()
@@ -220,12 +295,6 @@ class BlkServer:
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
-        self._backend = None
-        if self._device is not None:
-            self._device.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise ServerError(f"the vhost-user server failed: {failure}") from failure

@@ -6,7 +6,8 @@ talks to the C device model through shared memory. The guest makes an ext4 files
 its own mkfs.ext4 (the kit's initramfs carries e2fsprogs), writes files and syncs; the host
 checks the image with e2fsck and reads the files back with debugfs; then the host writes a
 file into the image and the guest reads it. A second guest gets the same kind of disk
-read-only through the ``dvs vm serve-blk`` command.
+read-only through the ``dvs vm serve-blk`` command, and a third one a sealed volume
+(``--sealed``): encrypted and authenticated on the host, plain ext4 for the guest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from dvs.lowlevel.virtio import BlkEngine
+from dvs.shield.volume import Volume
 from dvs.testing.guest import LinuxGuest
 from dvs.virtio.server import BlkServer
 
@@ -161,12 +163,62 @@ def test_the_cli_serves_a_read_only_disk(image: Path, sock: Path) -> None:
     assert not sock.exists()
 
 
-def test_sealed_without_a_shield_volume_is_a_clear_error(image: Path, sock: Path) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "dvs", "vm", "serve-blk", "--sealed", str(image), str(sock)],
-        capture_output=True, text=True, timeout=60,
+def test_a_guest_writes_ext4_onto_a_sealed_volume(tmp_path: Path, sock: Path) -> None:
+    """``dvs vm serve-blk --sealed``: the guest formats and fills a disk whose only copy on
+    the host is a sealed volume; the host then opens the volume, checks the filesystem it
+    holds and finds the guest's file -- and the volume file itself holds no plaintext."""
+    volume_path, key_file = tmp_path / "disk.vol", tmp_path / "disk.key"
+    key_file.write_bytes(os.urandom(32))
+    Volume.create(volume_path, DISK_MIB << 20, key=key_file.read_bytes()).close()
+    marker = "sealed-disk-marker-" + os.urandom(8).hex()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dvs", "vm", "serve-blk", "--sealed", "--key-file", str(key_file),
+         "--id", "dvs-sealed", str(volume_path), str(sock)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "sealed volume" in line, line + server.stderr.read()
+        with LinuxGuest(memfd_ram=True, qemu_args=_qemu_disk_args(sock)) as guest:
+            dev = _disk_named(guest, "dvs-sealed")
+            guest.check(f"mkfs.ext4 -q -F {dev} && mkdir -p /mnt && mount -t ext4 {dev} /mnt",
+                        timeout=300)  # fmt: skip
+            guest.check(f"for i in $(seq 200); do echo {marker} $i; done > /mnt/note.txt")
+            note_sum = guest.check("sha256sum /mnt/note.txt").split()[0]
+            guest.check("sync && umount /mnt", timeout=120)
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, err
+    assert "served 1 connection(s)" in out and "0 errors" in out, out
+    assert marker.encode() not in volume_path.read_bytes()  # ciphertext only
+    plain = tmp_path / "plain.img"
+    volume = Volume.open(volume_path, key=key_file.read_bytes(), readonly=True)
+    try:
+        with open(plain, "wb") as f:
+            for offset in range(0, DISK_MIB << 20, 1 << 20):
+                f.write(volume.read(offset, 1 << 20).ljust(1 << 20, b"\0"))
+    finally:
+        volume.close()
+    fsck = _host("e2fsck", "-f", "-n", str(plain))
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    copied = tmp_path / "note.txt"
+    _host("debugfs", "-R", f"dump /note.txt {copied}", str(plain))
+    assert hashlib.sha256(copied.read_bytes()).hexdigest() == note_sum
+
+
+def test_sealed_without_a_key_is_a_clear_error(image: Path, sock: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "dvs", "vm", "serve-blk", "--sealed", str(image), str(sock)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env={**{k: v for k, v in os.environ.items() if k != "DVS_SHIELD_PASSPHRASE"},
+             "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
     assert run.returncode == 1
-    assert "--sealed needs the shielded volume" in run.stderr
+    assert "no key" in run.stderr
     assert not sock.exists()
