@@ -8,7 +8,8 @@ carry results back as Python objects. Semantics the callers rely on:
   ``DVS_VQ_ERR_*`` code per rule, named by the C table) and the queue stops for good; every
   later call raises ``VirtqueueBroken``. The transport then reports DEVICE_NEEDS_RESET.
 - ``BlkDevice`` serves virtio-blk requests from a queue against a backing file through the
-  block backend seam (``dvs_blk_backend``; the synchronous file backend today). A malformed
+  block backend seam (``dvs_blk_backend``: the shared io_uring ring, synchronous
+  preadv/pwritev, or a sealed volume of dvs.shield). A malformed
   *request* is answered with an error status and counted per rule (``request_rules``); it
   does not stop the queue.
 - ``ConsoleDevice`` moves bytes between port 0's queues and two non-blocking fds.
