@@ -20,8 +20,8 @@ APT_PACKAGES=(
   openssl
   # VM introspection: gdb reads the ELF cores `dvs vm coredump` writes (tests)
   gdb
-  # the C fast paths' fuzzing toolchain
-  clang
+  # the C fast paths' fuzzing toolchain (clang + compiler-rt's libFuzzer/ASan/UBSan runtimes)
+  clang libclang-rt-14-dev
 )
 
 missing=()
@@ -36,14 +36,16 @@ if ((${#missing[@]})); then
 fi
 
 PY=${PYTHON:-python3}
-# The dependencies from pyproject.toml (main + test extra), not dvs itself: the checkout is
+# The dependencies from pyproject.toml (main + test + fuzz extras; the fuzz harnesses run
+# briefly in the test suite), not dvs itself: the checkout is
 # used in place (python3 -m dvs, python3 -m pytest), so several checkouts never fight over
 # one site-wide install.
 mkdir -p .cache
 if [ ! -f .cache/requirements.txt ] || [ pyproject.toml -nt .cache/requirements.txt ]; then
   echo "setup: installing pip dependencies"
   "$PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))' > .cache/requirements.tmp
+x = p["optional-dependencies"]
+print("\n".join(p["dependencies"] + x["test"] + x["fuzz"]))' > .cache/requirements.tmp
   "$PY" -m pip install -q --disable-pip-version-check --root-user-action=ignore -r .cache/requirements.tmp
   mv .cache/requirements.tmp .cache/requirements.txt
 fi

@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "guestmem/guestmem.h"
 #include "sys/sys.h"
@@ -76,6 +77,29 @@ void *dvs_guest_mem_local_ptr(const struct dvs_guest_mem *mem, uint64_t gpa, uin
 	if (len > r->size - (gpa - r->gpa))
 		return NULL;
 	return (void *)(uintptr_t)(r->hva + (gpa - r->gpa));
+}
+
+int dvs_guest_mem_iov(const struct dvs_guest_mem *mem, uint64_t gpa, uint64_t len,
+		      struct iovec *iov, uint32_t max_iov)
+{
+	if (mem->pid != 0)
+		return -EOPNOTSUPP;
+	if (!dvs_guest_mem_contains(mem, gpa, len))
+		return -EFAULT;
+	uint32_t n = 0;
+	while (len) {
+		const struct dvs_guest_region *r = &mem->regions[find_region(mem, gpa)];
+		uint64_t avail = r->size - (gpa - r->gpa);
+		uint64_t step = len < avail ? len : avail;
+		if (n == max_iov)
+			return -E2BIG;
+		iov[n].iov_base = (void *)(uintptr_t)(r->hva + (gpa - r->gpa));
+		iov[n].iov_len = step;
+		n++;
+		gpa += step;
+		len -= step;
+	}
+	return (int)n;
 }
 
 #define SEG_BATCH 64

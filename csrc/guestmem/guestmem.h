@@ -56,6 +56,13 @@ int dvs_guest_mem_contains(const struct dvs_guest_mem *mem, uint64_t gpa, uint64
 /* Local backend: a host pointer to [gpa, gpa+len) when it lies inside ONE region; NULL
  * otherwise (remote backend, outside RAM, or straddling regions). */
 void *dvs_guest_mem_local_ptr(const struct dvs_guest_mem *mem, uint64_t gpa, uint64_t len);
+/* Local backend: describe [gpa, gpa+len) as host iovecs (split at region boundaries) for
+ * zero-copy preadv/pwritev/readv into guest RAM. Returns the number of iovecs used, -EFAULT
+ * if the range leaves guest RAM, -E2BIG if more than max_iov are needed, -EOPNOTSUPP for the
+ * remote backend (the caller copies through a bounce buffer instead). */
+struct iovec;
+int dvs_guest_mem_iov(const struct dvs_guest_mem *mem, uint64_t gpa, uint64_t len,
+		      struct iovec *iov, uint32_t max_iov);
 int dvs_guest_mem_read(const struct dvs_guest_mem *mem, uint64_t gpa, void *dst, uint64_t len);
 int dvs_guest_mem_write(const struct dvs_guest_mem *mem, uint64_t gpa, const void *src,
 			uint64_t len);

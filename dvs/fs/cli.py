@@ -76,13 +76,18 @@ def _options(args: argparse.Namespace) -> MountOptions:
     return opts
 
 
-def _serve(fs: CntrFs) -> None:
-    """Block until the filesystem is unmounted; SIGINT/SIGTERM stop it."""
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM end the server like ^C does (installed before the mount is announced,
+    so a SIGTERM right after the announcement still unmounts cleanly)."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _serve(fs: CntrFs) -> None:
+    """Block until the filesystem is unmounted; SIGINT/SIGTERM stop it."""
     try:
         while not fs.wait_unmounted(0.5):
             fs.log_lines()
@@ -102,6 +107,7 @@ def _mount(args: argparse.Namespace) -> int:
         if not os.path.isdir(path):
             raise DvsError(f"the {what} {path!r} is not a directory")
     if args.foreground:
+        _stop_on_sigterm()
         fs = CntrFs(args.source, opts)
         try:
             fs.mount(args.mountpoint)
@@ -135,6 +141,7 @@ def _daemonize(args: argparse.Namespace, opts: MountOptions) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
+        _stop_on_sigterm()
         fs = CntrFs(args.source, opts)
         fs.mount(args.mountpoint)
         os.write(write_end, b"ok\n")

@@ -7,6 +7,7 @@ and Kubernetes runs against real containers' /proc/PID/cgroup.
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -82,15 +83,17 @@ def test_pid_and_command_line() -> None:
             assert (target.pid, target.engine) == (box.pid, "pid")
         with resolve(f"dvs-idle {box.id}", ["command"]) as target:
             assert target.pid == box.pid
-    host = subprocess.Popen(["sleep", "123.456"])
+    # a duration no other process (say, a concurrent run of this test) has in its cmdline
+    duration = f"{1000 + os.getpid() % 9000}.{time.monotonic_ns() % 10**6:06d}"
+    host = subprocess.Popen(["sleep", duration])
     try:
         # Popen returns when exec has replaced the mm, a moment before the kernel sets the
         # new argument area: /proc/PID/cmdline can still be empty right then
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{host.pid}/cmdline").read_bytes() != b"sleep\x00123.456\x00":
+        while Path(f"/proc/{host.pid}/cmdline").read_bytes() != f"sleep\0{duration}\0".encode():
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        with resolve("sleep 123.456", "cmdline") as target:
+        with resolve(f"sleep {duration}", "cmdline") as target:
             assert target.pid == host.pid
     finally:
         host.kill()
