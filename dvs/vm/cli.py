@@ -70,6 +70,7 @@ def _inject_test(args: argparse.Namespace) -> int:
 
 
 def register(cli: Cli) -> None:
+    cli.group("vm", "running VMs: inspect the guest kernel, side-load, vCPUs, serve disks")
     cmd = cli.command("inspect", "find the guest kernel in a hypervisor's memory", _inspect, "vm")
     cmd.add_argument("pid", type=int, help="hypervisor process id (QEMU, Firecracker...)")
     cmd.add_argument("--json", action="store_true", help="machine-readable output")
