@@ -8,7 +8,7 @@ QEMU (or any vhost-user front-end) with guest RAM shared and the socket as a cha
         -numa node,memdev=mem -chardev socket,id=disk,path=/run/disk.sock \\
         -device vhost-user-blk-pci,chardev=disk
 
-``--sealed`` serves a sealed volume of ``dvs.shield`` (made with ``dvs shield create``)
+``--sealed`` serves a sealed volume of ``dvs.shield`` (made with ``dvs shield format``)
 instead of a plain file: the guest sees plaintext, the file holds authenticated ciphertext,
 and a tampered block is an I/O error in the guest. Its key comes the way ``dvs shield`` takes
 it (``--key-file``, ``--passphrase-file`` or the ``DVS_SHIELD_PASSPHRASE`` environment
@@ -99,7 +99,7 @@ def register(cli: Cli) -> None:
     sub.add_argument("socket", help="the unix socket path QEMU connects to")
     sub.add_argument("--read-only", action="store_true", help="refuse guest writes")
     sub.add_argument(
-        "--sealed", action="store_true", help="FILE is a sealed volume (dvs shield create)"
+        "--sealed", action="store_true", help="FILE is a sealed volume (dvs shield format)"
     )
     sub.add_argument("--id", default="dvs", help="the disk's serial (virtio GET_ID), max 20 bytes")
     sub.add_argument("--queues", type=int, default=1, help="request queues (1-16)")
