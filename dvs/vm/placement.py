@@ -204,7 +204,7 @@ class Piece:
     @property
     def source(self) -> str:
         if self.how == "ram map":
-            return "the e820 map's uncovered RAM (no votes)"
+            return "the e820 map's uncovered RAM, no votes"
         votes = f"{self.votes} self-pointer votes"
         if self.how == "kernel image":
             return f"kernel image, {votes}" if self.votes else "kernel image"
