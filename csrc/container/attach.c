@@ -42,7 +42,14 @@
  *   keeper lives outside it).
  * - Capabilities: PR_CAPBSET_DROP (needs CAP_SETPCAP) bounds what the command and its
  *   descendants can ever gain; a uid-0 command then gets exactly the bounding set at
- *   execve, a non-zero uid loses its capabilities at setresuid.
+ *   execve. A change of uid from 0 to non-zero clears the permitted and effective sets
+ *   unless PR_SET_KEEPCAPS is on (which keeps the permitted set only; execve resets it).
+ *   So the command turns it on, changes ids, then capset(2)s the target's permitted,
+ *   effective and inheritable sets (each cut to the bounding set) and raises the target's
+ *   ambient capabilities: an execve by a non-zero uid of a file without file capabilities
+ *   computes P' = E' = the ambient set (capabilities(7)), and an ambient capability must
+ *   be in both the permitted and the inheritable set when it is raised. capset may only
+ *   shrink the permitted set and put into the inheritable set what is in the bounding set.
  * - seccomp: installing a filter needs no_new_privs or CAP_SYS_ADMIN in the current user
  *   namespace. Without no_new_privs the filters go in while the command still has
  *   CAP_SYS_ADMIN (before setresuid); with it, no_new_privs is set and the filters are
@@ -57,6 +64,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/openat2.h>
 #include <linux/sched.h>
@@ -642,6 +650,29 @@ static void install_filters(const struct dvs_attach *req)
 	}
 }
 
+/* after the id change: the target's permitted/effective/inheritable and ambient sets */
+static void set_cap_sets(const struct dvs_attach *req)
+{
+	uint64_t valid = req->cap_last >= 63 ? ~0ULL : (1ULL << (req->cap_last + 1)) - 1;
+	uint64_t keep = req->cap_keep & valid;
+	uint64_t permitted = req->cap_permitted & keep;
+	uint64_t effective = req->cap_effective & permitted;
+	uint64_t inheritable = req->cap_inheritable & keep;
+	struct __user_cap_header_struct header = {.version = _LINUX_CAPABILITY_VERSION_3};
+	struct __user_cap_data_struct data[2] = {
+		{(uint32_t)effective, (uint32_t)permitted, (uint32_t)inheritable},
+		{(uint32_t)(effective >> 32), (uint32_t)(permitted >> 32),
+		 (uint32_t)(inheritable >> 32)},
+	};
+	if (syscall(SYS_capset, &header, data) < 0)
+		cmd_fail(DVS_ATTACH_STEP_CAP_SETS, 1, errno);
+	uint64_t ambient = req->cap_ambient & permitted & inheritable;
+	for (int cap = 0; cap < 64; cap++)
+		if ((ambient & (1ULL << cap)) &&
+		    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0) < 0)
+			cmd_fail(DVS_ATTACH_STEP_CAP_SETS, 2 + cap, errno);
+}
+
 static void exec_command(const struct dvs_attach *req)
 {
 	const char *file = req->argv[0];
@@ -727,6 +758,8 @@ static __attribute__((noreturn)) void command_main(const struct dvs_attach *req,
 		    errno != EINVAL)
 			cmd_fail(DVS_ATTACH_STEP_CAPS, cap, errno);
 	prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+	if (req->set_cap_sets && prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
+		cmd_fail(DVS_ATTACH_STEP_CAP_SETS, 0, errno);
 
 	if (req->lsm_attr && req->lsm_value) {
 		char path[128] = "thread-self/attr/";
@@ -748,6 +781,8 @@ static __attribute__((noreturn)) void command_main(const struct dvs_attach *req,
 	if (req->set_ids &&
 	    syscall(SYS_setresuid, (uid_t)req->uid, (uid_t)req->uid, (uid_t)req->uid) < 0)
 		cmd_fail(DVS_ATTACH_STEP_UID, 0, errno);
+	if (req->set_cap_sets)
+		set_cap_sets(req);
 	if (req->no_new_privs) {
 		if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
 			cmd_fail(DVS_ATTACH_STEP_NO_NEW_PRIVS, 0, errno);

@@ -51,6 +51,7 @@
 #define DVS_ATTACH_STEP_EXEC 23
 #define DVS_ATTACH_STEP_SESSION 24
 #define DVS_ATTACH_STEP_OVERLAY_SOURCE 25 /* the container lacks an overlay path */
+#define DVS_ATTACH_STEP_CAP_SETS 26 /* keepcaps, capset, ambient raise */
 
 /* limits on what Python may hand over (bounds the child's fixed-size buffers) */
 #define DVS_ATTACH_MAX_NS 8
@@ -103,6 +104,13 @@ struct dvs_attach {
 	int32_t n_groups;
 	uint64_t cap_keep; /* bounding set: keep these bits, drop all others */
 	int32_t cap_last;  /* /proc/sys/kernel/cap_last_cap */
+	/* the target's other sets (CapPrm/CapEff/CapInh/CapAmb), given to the command after
+	 * the id change (set_cap_sets); each is cut to cap_keep first */
+	int32_t set_cap_sets;
+	uint64_t cap_permitted;
+	uint64_t cap_effective;
+	uint64_t cap_inheritable;
+	uint64_t cap_ambient;
 	int32_t no_new_privs;
 	/* seccomp filters, oldest first: n_filters programs of filter_lens[i] sock_filter
 	 * instructions each (8 bytes), concatenated in filter_insns */

@@ -10,7 +10,9 @@ container's own root with the container's PATH, like ``docker exec`` but for any
 In both, the command gets the target's complete process context: its cgroups (v2 and v1),
 all of its namespaces (the command is forked *inside* the pid namespace), its uid, gid
 and supplementary groups as its user namespace sees them, its effective capabilities as
-the bounding set (+CAP_SYS_PTRACE when asked), its no_new_privs bit and seccomp filters
+the bounding set (+CAP_SYS_PTRACE when asked), its permitted, effective, inheritable and
+ambient sets cut to that bounding set (so a non-root command keeps the target's ambient
+capabilities across its execve), its no_new_privs bit and seccomp filters
 (copied with ptrace), its AppArmor/SELinux label, and its environment (PATH from the
 tools side for ``attach``). Python decides all of that here from /proc (``context``); the
 fork, the namespace changes, the mounts, the id and capability changes and the exec are
@@ -327,6 +329,7 @@ class Session:
                 groups=ctx.groups,
                 cap_keep=ctx.cap_effective | ((1 << CAP_SYS_PTRACE) if options.ptrace else 0),
                 cap_last=ctx.cap_last,
+                cap_sets=ctx.cap_sets,
                 no_new_privs=ctx.no_new_privs,
                 filters=filters,
                 lsm_attr=lsm.attr if lsm else None,

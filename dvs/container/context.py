@@ -4,7 +4,8 @@ Everything the attach child reproduces comes from ``/proc/PID`` of the (pidfd-pi
 target, read through one directory fd so that every file belongs to the same process:
 
 - ``status``: real/effective ids and supplementary groups (as the *reader's* user
-  namespace sees them), CapEff/CapBnd, NoNewPrivs, Seccomp (mode) and Seccomp_filters.
+  namespace sees them), the capability sets (CapPrm/CapEff/CapInh/CapAmb/CapBnd),
+  NoNewPrivs, Seccomp (mode) and Seccomp_filters.
 - ``uid_map``/``gid_map``: extents ``inside outside count`` relative to the reader; a host
   id is translated into the target's user namespace through them (unmapped ids become the
   overflow id, /proc/sys/kernel/overflowuid, as the kernel shows them).
@@ -293,6 +294,16 @@ class TargetContext:
     @property
     def cap_bounding(self) -> int:
         return self._caps("CapBnd")
+
+    @property
+    def cap_sets(self) -> tuple[int, int, int, int]:
+        """The target's (permitted, effective, inheritable, ambient) sets."""
+        return (
+            self._caps("CapPrm"),
+            self._caps("CapEff"),
+            self._caps("CapInh"),
+            self._caps("CapAmb"),
+        )
 
     @property
     def no_new_privs(self) -> bool:

@@ -74,6 +74,7 @@ STEP_NAMES: dict[int, str] = {
     lib.DVS_ATTACH_STEP_GROUPS: "setting supplementary groups",
     lib.DVS_ATTACH_STEP_GID: "setting the group id",
     lib.DVS_ATTACH_STEP_CAPS: "dropping capabilities from the bounding set",
+    lib.DVS_ATTACH_STEP_CAP_SETS: "setting the target's capability sets",
     lib.DVS_ATTACH_STEP_LSM: "setting the LSM label",
     lib.DVS_ATTACH_STEP_SECCOMP: "installing the target's seccomp filter",
     lib.DVS_ATTACH_STEP_UID: "setting the user id",
@@ -122,6 +123,9 @@ class AttachRequest:
     groups: Sequence[int] = ()
     cap_keep: int = (1 << 64) - 1
     cap_last: int = 40
+    cap_sets: tuple[int, int, int, int] | None = None
+    """The target's (permitted, effective, inheritable, ambient), each cut to ``cap_keep``
+    by the command; ``None``: leave them to the id change and execve."""
     no_new_privs: bool = False
     filters: Sequence[SeccompFilter] = ()
     lsm_attr: str | None = None
@@ -200,6 +204,12 @@ def attach_start(req: AttachRequest) -> tuple[int, int]:
     c.n_groups = len(req.groups)
     c.cap_keep = req.cap_keep & ((1 << 64) - 1)
     c.cap_last = req.cap_last
+    c.set_cap_sets = int(req.cap_sets is not None)
+    permitted, effective, inheritable, ambient = req.cap_sets or (0, 0, 0, 0)
+    c.cap_permitted = permitted & ((1 << 64) - 1)
+    c.cap_effective = effective & ((1 << 64) - 1)
+    c.cap_inheritable = inheritable & ((1 << 64) - 1)
+    c.cap_ambient = ambient & ((1 << 64) - 1)
     c.no_new_privs = int(req.no_new_privs)
     blob = b"".join(f.instructions for f in req.filters)
     insns = ffi.new("uint8_t[]", blob or b"\0")

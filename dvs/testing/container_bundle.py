@@ -108,6 +108,13 @@ class BundleOptions:
     mounts: tuple[Mount, ...] = ()
     rlimits: Mapping[str, tuple[int, int]] = field(default_factory=lambda: dict(DEFAULT_RLIMITS))
     cwd: str = "/"
+    user: tuple[int, int] = (0, 0)
+    """``process.user`` (uid, gid) inside the container."""
+    capabilities: tuple[str, ...] | None = None
+    """None: ``runc spec``'s set as bounding, effective, permitted and ambient. Given: exactly
+    these in all five sets, inheritable included (the runtime raises an ambient capability
+    only when it is inheritable and permitted, and a non-root process keeps capabilities
+    across its execve only through the ambient set)."""
 
     def process_args(self, container_id: str) -> list[str]:
         if self.args is None:
@@ -147,7 +154,11 @@ def oci_config(options: BundleOptions, container_id: str) -> dict[str, Any]:
     options.check_rlimits()
     env = {"PATH": DEFAULT_PATH, "HOME": "/root", "HOSTNAME": options.hostname}
     env.update(options.env)
-    caps = list(DEFAULT_CAPABILITIES)
+    sets = ["bounding", "effective", "permitted", "ambient"]
+    if options.capabilities is None:
+        caps = list(DEFAULT_CAPABILITIES)
+    else:
+        caps, sets = list(options.capabilities), [*sets, "inheritable"]
     namespaces = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]
     linux: dict[str, Any] = {
         "resources": {"devices": [{"allow": False, "access": "rwm"}]},
@@ -203,11 +214,11 @@ def oci_config(options: BundleOptions, container_id: str) -> dict[str, Any]:
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": {"uid": options.user[0], "gid": options.user[1]},
             "args": options.process_args(container_id),
             "env": [f"{k}={v}" for k, v in env.items()],
             "cwd": options.cwd,
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted", "ambient")},
+            "capabilities": {k: caps for k in sets},
             "rlimits": [
                 {"type": name, "soft": soft, "hard": hard}
                 for name, (soft, hard) in options.rlimits.items()

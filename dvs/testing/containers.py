@@ -355,6 +355,8 @@ def run_container(
     rlimits: Mapping[str, tuple[int, int]] | None = None,
     state_root: Path | None = None,
     start_timeout: float = 30.0,
+    user: tuple[int, int] = (0, 0),
+    capabilities: Sequence[str] | None = None,
 ) -> Iterator[OciContainer]:
     """Start a detached busybox container under ``runtime``; kill and delete it on exit.
 
@@ -362,7 +364,8 @@ def run_container(
     read-only; ``userns`` maps container ids 0..65535 to host 100000.. (rootfs owned by 100000).
     ``rlimits`` map ``RLIMIT_*`` names to (soft, hard), default NOFILE 1024. With a
     ``state_root`` of your own the container is invisible to plain ``runc list`` and to
-    ``cleanup_leftovers``.
+    ``cleanup_leftovers``. ``user`` is the process's (uid, gid); ``capabilities`` replace the
+    default set in every capability set (see ``BundleOptions.capabilities``).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"expected a runtime in {RUNTIMES}, found {runtime!r}")
@@ -375,6 +378,8 @@ def run_container(
         env=dict(env or {}),
         mounts=tuple(mounts),
         rlimits=dict(rlimits if rlimits is not None else container_bundle.DEFAULT_RLIMITS),
+        user=user,
+        capabilities=None if capabilities is None else tuple(capabilities),
     )
     container_id = new_container_id()
     command = _runtime_command(runtime, state_root)

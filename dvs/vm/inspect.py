@@ -1,9 +1,11 @@
 """``dvs vm inspect``: what we can tell about a VM from its hypervisor process alone.
 
 The data model is a tree of dataclasses that serialises to JSON unchanged: the hypervisor
-process, the guest RAM regions (guest-physical -> host-virtual), and the kernel found in them
-(version, KASLR offsets, paging mode, memory-layout bases, symbol-table sizes, a few resolved
-symbols and struct member offsets from the guest's own BTF, and the checks that validated it).
+process, the guest RAM regions (guest-physical -> host-virtual, one or more per hypervisor
+mapping, each with what placed it; mappings that could not be placed are problems), and the
+kernel found in them (version, KASLR offsets, paging mode, memory-layout bases, symbol-table
+sizes, a few resolved symbols and struct member offsets from the guest's own BTF, and the
+checks that validated it).
 ``vcpus`` is filled only when the hypervisor is a KVM VMM: dvs.hypervisor reads each vCPU's
 registers by syscall injection (a few milliseconds of stopped threads). Under TCG there are no
 KVM vCPUs to ask and ``vcpus`` stays ``None``; the kernel facts never depend on registers, and
@@ -54,6 +56,9 @@ class RegionInfo:
     hva: int
     backing: str
     """``anonymous``, ``shared-memory`` or ``file`` (with the path when there is one)."""
+    placed_by: str = ""
+    """What fixed the guest-physical address: the kernel image, self-pointer votes, or the
+    e820 map's uncovered RAM (``dvs.vm.placement``)."""
 
 
 @dataclass
@@ -123,7 +128,7 @@ class VmInspection:
         for r in self.regions:
             lines.append(
                 f"  gpa {r.gpa:#014x}-{r.gpa + r.size:#014x} ({r.size >> 20} MiB) "
-                f"at hva {r.hva:#x} [{r.backing}]"
+                f"at hva {r.hva:#x} [{r.backing}]" + (f" by {r.placed_by}" if r.placed_by else "")
             )
         k = self.kernel
         if k is not None:
@@ -276,9 +281,11 @@ def inspect_vm(pid: int) -> tuple[VmInspection, LinuxKernel | None]:
             r.size,
             r.hva,
             r.mapping.kind + (f" {r.mapping.path}" if r.mapping.path else ""),
+            r.placed_by,
         )
         for r in ram.regions
     ]
+    problems = [*ram.problems, *problems]
     for vcpu in vcpus or []:
         if vcpu.cpl == 0 and vcpu.page_table_root not in (None, kernel.root_pa):
             # a vCPU in the kernel runs on some process's page tables; they must still map

@@ -18,13 +18,15 @@ The facts this relies on (arch/x86, stable since 4.x):
 
 The search: scan the RAM candidates for the kallsyms token-table signature, decode kallsyms
 there (``dvs.vm.kallsyms``), and anchor it in host memory through ``linux_banner``, whose bytes
-are known ("Linux version "). That gives every symbol's host address, so ``phys_base`` and
-``init_top_pgt`` can be read. The guest-physical layout is then a hypothesis (linear, or
-QEMU's split at 4 GiB when ``max_pfn`` says RAM goes above it) that must pass validation: the
-kernel's page tables, walked through it, map ``_text`` and ``init_top_pgt`` to the physical
-addresses ``phys_base`` predicts, and the direct map maps sampled RAM pages of every region to
-themselves. Only a layout that passes is used; a stale copy of a kernel (e.g. in the page
-cache) fails the page-table checks and is skipped.
+are known ("Linux version "). That gives every symbol's host address, so ``phys_base``,
+``page_offset_base`` and ``boot_params`` (with the firmware's e820 map) can be read. Every RAM
+mapping is then placed in guest-physical memory (``dvs.vm.placement``): the image's mapping by
+``phys_base``, all of them by the self-pointers of the kernel's direct map, the rest by the
+e820 map. The placement is a hypothesis that must pass validation: the kernel's page tables,
+walked through it (they may sit in any region), map ``_text`` and ``init_top_pgt`` to the
+physical addresses ``phys_base`` predicts, and the direct map maps sampled RAM pages of every
+region to themselves. A stale copy of a kernel (e.g. in the page cache) fails the page-table
+checks, or the self-pointers contradict where it would sit, and it is skipped.
 """
 
 from __future__ import annotations
@@ -39,18 +41,23 @@ from dvs.vm import ksyms as ksyms_mod
 from dvs.vm.errors import GuestLayoutError, KernelNotFound, TranslationFault
 from dvs.vm.kallsyms import Kallsyms
 from dvs.vm.memory import (
-    FOUR_GIB,
     GuestRam,
     HostMapping,
     HostView,
     HypervisorProcess,
-    RamRegion,
-    linear_layout,
     ram_candidates,
     read_maps,
-    split_at_4g_layout,
 )
 from dvs.vm.paging import PAGE_SIZE, PageTables, PagingMode, Translation
+from dvs.vm.placement import (
+    BOOT_PARAMS_SPAN,
+    Anchor,
+    ChunkVote,
+    chunk_votes,
+    parse_boot_params_e820,
+    place_mappings,
+    usable_ranges,
+)
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
 KERNEL_IMAGE_SPAN = 1 << 30
@@ -62,6 +69,13 @@ _MASK64 = (1 << 64) - 1
 _REQUIRED_SYMBOLS = ("_text", "_end", "linux_banner", "init_top_pgt", "phys_base")
 _KALLSYMS_WINDOW_BEFORE = 48 << 20
 _KALLSYMS_WINDOW_AFTER = 16 << 20
+_DEFAULT_PAGE_OFFSET = {
+    PagingMode.FOUR_LEVEL: 0xFFFF_8880_0000_0000,
+    PagingMode.FIVE_LEVEL: 0xFF11_0000_0000_0000,
+}
+"""``__PAGE_OFFSET_BASE_L4/L5``: the direct map when CONFIG_RANDOMIZE_MEMORY is off."""
+
+_VoteCache = dict[tuple[int, int, int], list[ChunkVote]]
 
 
 @dataclass(frozen=True)
@@ -230,12 +244,13 @@ def locate_kernel(process: HypervisorProcess, view: HostView) -> LinuxKernel:
     """The search of ``find_kernel`` over any host view (a live process or a mapped core)."""
     reasons: list[str] = []
     seen: set[int] = set()
+    vote_cache: _VoteCache = {}
     for hit in view.scan(kallsyms_mod.DIGIT_TOKENS):
         parsed = _kallsyms_candidate(view, hit, seen, reasons)
         if parsed is None:
             continue
         try:
-            return _anchor_and_validate(process, view, parsed)
+            return _anchor_and_validate(process, view, parsed, vote_cache)
         except (GuestLayoutError, GuestMemoryFault, TranslationFault) as exc:
             reasons.append(f"kallsyms at {parsed.window_start:#x}: {exc}")
     sizes = ", ".join(f"{m.start:#x}+{m.size >> 20} MiB" for m in view.candidates)
@@ -278,7 +293,7 @@ def _kallsyms_candidate(
 
 
 def _anchor_and_validate(
-    process: HypervisorProcess, view: HostView, cand: _Candidate
+    process: HypervisorProcess, view: HostView, cand: _Candidate, vote_cache: _VoteCache
 ) -> LinuxKernel:
     ks = cand.kallsyms
     text_va = ks.lookup("_text")
@@ -287,7 +302,7 @@ def _anchor_and_validate(
     for banner_host in cand.banners:
         text_host = banner_host - (banner_va - text_va)
         try:
-            return _validate(process, view, cand, text_host)
+            return _validate(process, view, cand, text_host, vote_cache)
         except (GuestLayoutError, GuestMemoryFault, TranslationFault) as exc:
             errors.append(f"banner at {banner_host:#x}: {exc}")
     raise GuestLayoutError(
@@ -297,7 +312,11 @@ def _anchor_and_validate(
 
 
 def _validate(
-    process: HypervisorProcess, view: HostView, cand: _Candidate, text_host: int
+    process: HypervisorProcess,
+    view: HostView,
+    cand: _Candidate,
+    text_host: int,
+    vote_cache: _VoteCache,
 ) -> LinuxKernel:
     ks = cand.kallsyms
     mapping = cand.mapping
@@ -328,45 +347,45 @@ def _validate(
             view.read(text_host + ks.lookup("__pgtable_l5_enabled") - text_va, 4), "little"
         )
         modes = [PagingMode.FIVE_LEVEL if l5 else PagingMode.FOUR_LEVEL]
+    max_pfn = host_u64("max_pfn") if "max_pfn" in ks else 0
+    page_offset_base = host_u64("page_offset_base") if "page_offset_base" in ks else 0
+    if not page_offset_base:
+        page_offset_base = _DEFAULT_PAGE_OFFSET[modes[0]]
 
-    provisional = linear_layout(mapping, text_host, text_pa)
-    ram = GuestRam(process, provisional, "provisional")
+    usable: list[tuple[int, int]] = []
+    boot_params = ks.get("boot_params")
+    if boot_params is not None and text_va <= boot_params <= end_va - BOOT_PARAMS_SPAN:
+        e820 = parse_boot_params_e820(
+            view.read(text_host + boot_params - text_va, BOOT_PARAMS_SPAN)
+        )
+        usable = usable_ranges(e820)
+        if usable:
+            checks.append(
+                f"boot_params e820 map: {len(e820)} entries, usable RAM "
+                + ", ".join(f"{a:#x}-{b:#x}" for a, b in usable)
+            )
+    ram_end = usable[-1][1] if usable else max_pfn * PAGE_SIZE or 1 << 46
+    votes = {}
+    for candidate in view.candidates:
+        key = (candidate.start, page_offset_base, ram_end)
+        if key not in vote_cache:
+            vote_cache[key] = chunk_votes(
+                view.read, candidate, view.data_runs_of(candidate), page_offset_base, ram_end
+            )
+        votes[candidate.start] = vote_cache[key]
+    anchor = Anchor(mapping, text_host - mapping.start, end_va - text_va, text_pa)
+    placement = place_mappings(view.candidates, votes, usable, anchor)
+    ram = GuestRam(process, placement.regions, placement.layout, placement.problems)
     mode = _check_self_mapping(ram, root_pa, root_va, text_va, text_pa, modes)
     checks.append(
         f"{int(mode)}-level page tables at {root_pa:#x} map _text and init_top_pgt to "
         "the addresses phys_base predicts"
     )
-
-    max_pfn = host_u64("max_pfn") if "max_pfn" in ks else 0
-    layouts: list[tuple[str, list[RamRegion]]] = []
-    if max_pfn * PAGE_SIZE > FOUR_GIB and max_pfn < 1 << 40:
-        high = max_pfn * PAGE_SIZE - FOUR_GIB
-        try:
-            split = split_at_4g_layout(mapping, high)
-        except ValueError:
-            split = []
-        kernel_inside = any(
-            r.gpa <= text_pa < r.end and r.hva + (text_pa - r.gpa) == text_host for r in split
-        )
-        if split and kernel_inside:
-            layouts.append(("split-at-4g", split))
-    layouts.append(("linear", provisional))
-
-    page_offset_base = host_u64("page_offset_base") if "page_offset_base" in ks else 0
-    if not page_offset_base:
-        page_offset_base = 0xFFFF_8880_0000_0000 if mode == 4 else 0xFF11_0000_0000_0000
-    failures = []
-    for name, regions in layouts:
-        ram = GuestRam(process, regions, name)
-        try:
-            checked = _check_direct_map(ram, root_pa, mode, page_offset_base, max_pfn)
-        except GuestLayoutError as exc:
-            failures.append(f"{name}: {exc}")
-            continue
-        checks.append(f"{name} layout: {checked}")
-        break
-    else:
-        raise GuestLayoutError("a RAM layout passes the direct-map check", "; ".join(failures))
+    if "page_offset_base" not in ks:
+        page_offset_base = _DEFAULT_PAGE_OFFSET[mode]
+    checks += placement.describe()
+    checked = _check_direct_map(ram, root_pa, mode, page_offset_base, usable, max_pfn)
+    checks.append(f"{placement.layout} layout: {checked}")
 
     image_bytes = ram.mem.read(text_pa, end_va - text_va)
     image = KernelImage(text_va, text_pa, image_bytes)
@@ -432,25 +451,43 @@ def _check_self_mapping(
 
 
 def _check_direct_map(
-    ram: GuestRam, root_pa: int, mode: PagingMode, page_offset_base: int, max_pfn: int
+    ram: GuestRam,
+    root_pa: int,
+    mode: PagingMode,
+    page_offset_base: int,
+    usable: list[tuple[int, int]],
+    max_pfn: int,
 ) -> str:
-    """Sampled RAM pages of every region must be direct-mapped to themselves."""
+    """Sampled RAM pages of every region must be direct-mapped to themselves.
+
+    The walk reads page tables wherever the kernel allocated them, so it only succeeds when
+    every region they sit in is placed right; a region holding no usable RAM is not sampled.
+    """
     tables = PageTables(ram.mem, root_pa, mode)
     top = max_pfn * PAGE_SIZE if max_pfn else ram.regions[-1].end
+    ram_ranges = usable or [(1 << 20, top)]
     total_ok = 0
     for region in ram.regions:
-        start = max(region.gpa, 1 << 20)
-        end = min(region.end, top)
-        if end <= start:
+        spans = [
+            (max(region.gpa, start, 1 << 20), min(region.end, end)) for start, end in ram_ranges
+        ]
+        spans = [(a, b) for a, b in spans if b - a >= PAGE_SIZE]
+        length = sum(b - a for a, b in spans)
+        if not spans:
             continue
         ok = 0
         samples = 16
         for i in range(samples):
-            gpa = (start + (end - start) * i // samples) & ~(PAGE_SIZE - 1)
+            offset = length * i // samples
+            for a, b in spans:
+                if offset < b - a:
+                    gpa = (a + offset) & ~(PAGE_SIZE - 1)
+                    break
+                offset -= b - a
             try:
                 got = tables.translate(page_offset_base + gpa).pa
             except TranslationFault:
-                continue  # a hole or a reserved range the kernel does not direct-map
+                continue  # a range the kernel reserved and does not direct-map
             if got != gpa:
                 raise GuestLayoutError(
                     "the direct map maps RAM to itself",

@@ -7,8 +7,10 @@ one anonymous mapping per region. So the candidates are large readable and writa
 that are not executable (QEMU's TCG code buffer is ``rwx``) and not a file's private copy
 (library data). Which candidate is RAM, and at which guest-physical address, is not written
 anywhere we may read without KVM; the kernel finder (``dvs.vm.kernel``) settles it by finding
-the guest kernel in a candidate and checking that the kernel's own page tables walk
-consistently through the guest-physical -> host-virtual map built here.
+the guest kernel in a candidate, placing every candidate by the kernel's own data
+(``dvs.vm.placement``: its e820 map and the self-pointers of its direct map), and checking
+that the kernel's own page tables walk consistently through the guest-physical -> host-virtual
+map built here.
 
 QEMU's i440fx ``pc`` and ``q35`` machines put RAM below the PCI hole at GPA 0 and the rest at
 4 GiB, both from the one ``pc.ram`` mapping (``lowmem`` bytes, then the remainder): a
@@ -276,6 +278,14 @@ class HostView:
         hi = min(mapping.end, address + length)
         return lo, self.mem.read(lo, hi - lo) if hi > lo else b""
 
+    def data_runs_of(self, mapping: HostMapping) -> list[tuple[int, int]]:
+        """Host ranges of ``mapping`` that can hold data (the rest reads as zeros)."""
+        if mapping.start in self.data_runs:
+            return self.data_runs[mapping.start]
+        if self.use_pagemap:
+            return data_ranges(self.pid, mapping)
+        return [(mapping.start, mapping.end)]
+
     def scan(self, needle: bytes, chunk: int = 32 << 20) -> Iterator[int]:
         """Host addresses of ``needle`` in the candidates, lazily, skipping pages without data.
 
@@ -284,13 +294,7 @@ class HostView:
         overlap = len(needle) - 1
         buf = bytearray(chunk + overlap)
         for mapping in sorted(self.candidates, key=lambda m: -m.size):
-            if mapping.start in self.data_runs:
-                runs = self.data_runs[mapping.start]
-            elif self.use_pagemap:
-                runs = data_ranges(self.pid, mapping)
-            else:
-                runs = [(mapping.start, mapping.end)]
-            for run_start, run_end in runs:
+            for run_start, run_end in self.data_runs_of(mapping):
                 for start in range(run_start, run_end, chunk):
                     length = min(chunk + overlap, run_end - start)
                     view = memoryview(buf)[:length]
@@ -310,6 +314,8 @@ class RamRegion:
     size: int
     hva: int
     mapping: HostMapping
+    placed_by: str = ""
+    """What fixed the guest-physical address (see ``dvs.vm.placement.Piece.how``)."""
 
     @property
     def end(self) -> int:
@@ -344,11 +350,17 @@ class GuestRam:
     """Guest-physical memory of a running hypervisor: regions plus bounded access."""
 
     def __init__(
-        self, process: HypervisorProcess, regions: Sequence[RamRegion], layout: str
+        self,
+        process: HypervisorProcess,
+        regions: Sequence[RamRegion],
+        layout: str,
+        problems: Sequence[str] = (),
     ) -> None:
         self.process = process
         self.regions = tuple(sorted(regions, key=lambda r: r.gpa))
         self.layout = layout
+        self.problems = tuple(problems)
+        """What could not be placed: mappings without kernel data, RAM no mapping covers."""
         self.mem = GuestMemory([r.to_region() for r in self.regions], process.pid)
 
     @property
