@@ -283,9 +283,9 @@ def test_sideload_20_times_on_a_long_running_guest(guest_512m: Booted) -> None:
 # injected; the guest clock of a TCG guest is host time, so a vCPU thread starved on a loaded
 # 2-core host shows gaps of a few seconds that are not guest stalls: a 3.0 s gap was seen at load
 # 4.5 with dmesg clean and every marker once. A real stall also shows as a lockup or RCU stall
-# in dmesg, checked below); every marker is in dmesg and on the serial console exactly once; dmesg gains no
-# oops, BUG, WARNING, lockup or RCU stall; and every change is undone (the work function
-# pointer is the original one, the PMD entry we used is empty again).
+# in dmesg, checked below); every marker is in dmesg and on the serial console exactly once;
+# dmesg gains no oops, BUG, WARNING, lockup or RCU stall; and every change is undone (the work
+# function pointer is the original one, the PMD entry we used is empty again).
 
 BAD_DMESG = re.compile(
     r"Oops|BUG:|WARNING:|soft lockup|hard LOCKUP|rcu_.*stall|general protection|Call Trace"
