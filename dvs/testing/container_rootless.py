@@ -16,10 +16,10 @@ The semantics these fixtures rely on:
   is installed, so storage uses the ``vfs`` driver (a plain copy of every layer; the busybox
   image is ~2 MiB) and containers get ``--network none``. cgroups are hybrid here and there
   is no systemd user session: ``cgroup_manager = "cgroupfs"`` and ``events_logger =
-  "file"``. crun refuses hybrid cgroups, and the hugetlb workaround of ``container_cgroups``
-  needs a cgroup root that a rootless user cannot create, so these containers run under
-  runc, which leaves a rootless container in its parent's cgroups when it may not create
-  its own.
+  "file"``. Rootless crun refuses hybrid cgroups here ("cgroups in hybrid mode not
+  supported", with or without ``--cgroups disabled``); rootless runc runs, leaving the
+  container in its parent's cgroups since it may not create its own, so these containers
+  run under runc.
 * **Processes**: the first podman command starts a *pause process* (``podman pause``,
   pid in ``$XDG_RUNTIME_DIR/libpod/tmp/pause.pid``) that keeps the user and mount
   namespace alive between commands; each container has a ``conmon`` parent, reparented to
