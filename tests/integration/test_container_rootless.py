@@ -73,6 +73,12 @@ def test_fixture_removes_container_conmon_and_its_runtime_when_the_body_fails() 
             return False
         return state != "Z"
 
+    def live_as(pid: int, uid: int) -> bool:
+        try:
+            return os.stat(f"/proc/{pid}").st_uid == uid and live(pid)
+        except FileNotFoundError:
+            return False
+
     assert not any(live(p) for p in pids)
     # containers/storage's index (read directly: a podman command would start the user's
     # pause process again)
@@ -91,11 +97,7 @@ def test_fixture_removes_container_conmon_and_its_runtime_when_the_body_fails() 
         os.close(fd)
     if not someone_else:
         assert not user.runtime_dir.exists()
-        assert not [
-            p
-            for p in os.listdir("/proc")
-            if p.isdigit() and live(int(p)) and os.stat(f"/proc/{p}").st_uid == user.uid
-        ]
+        assert not [p for p in os.listdir("/proc") if p.isdigit() and live_as(int(p), user.uid)]
 
 
 def test_the_container_is_the_users_not_roots(pod: RootlessPodmanContainer) -> None:
