@@ -69,14 +69,14 @@ def test_fixture_removes_container_conmon_and_its_runtime_when_the_body_fails() 
     def live(pid: int) -> bool:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             return False
         return state != "Z"
 
     def live_as(pid: int, uid: int) -> bool:
         try:
             return os.stat(f"/proc/{pid}").st_uid == uid and live(pid)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             return False
 
     assert not any(live(p) for p in pids)
