@@ -21,6 +21,8 @@ SECTIONS = ("probe", "container", "fs", "vm", "hypervisor", "virtio", "shield")
 
 def main(argv: list[str]) -> int:
     wanted = argv or list(SECTIONS)
+    # sections mix our prints with their commands' output: keep the order when piped to a file
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     failed = []
     for name in wanted:
         module_path = Path(__file__).with_name(f"demo_{name}.py")
