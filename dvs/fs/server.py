@@ -23,6 +23,12 @@ Kernel semantics relied on:
   and restored at once (under a lock, so concurrent dvs mounts restore the right value).
   ``auto`` uses the ring when offered and logs why not otherwise; ``on`` fails the mount
   with KernelLacksFeature when the ring cannot be used.
+- Stopping aborts the connection explicitly (``abort`` in its fusectl directory, through a
+  private detached fusectl mount) before the server's descriptors close. Closing them alone
+  aborts it too, but with the ring the io_uring instances hold /dev/fuse references that
+  the kernel drops asynchronously (ring exit work): callers in that window got
+  ECONNABORTED instead of ENOTCONN. The abort is synchronous: once ``stop`` returns, every
+  new request fails with ENOTCONN and requests in flight ended with ECONNABORTED.
 """
 
 from __future__ import annotations
@@ -235,6 +241,7 @@ class CntrFs:
         self._started = False
         self._stopped = False
         self._log_history: list[str] = []  # recent server log lines (error messages)
+        self._conn_id: int | None = None  # the connection's fusectl name (its st_dev)
 
     # ---- mounting ------------------------------------------------------------------------
 
@@ -291,6 +298,8 @@ class CntrFs:
             self._raw.start()
             self._started = True
             self.wait_initialized(init_timeout)
+            # only now: a stat of the mount before INIT waits for the connection
+            self._conn_id = os.minor(os.fstat(mount_fd).st_dev)  # anonymous device: major 0
         except BaseException:
             os.close(mount_fd)
             raise
@@ -369,6 +378,8 @@ class CntrFs:
             except OSError as exc:
                 log.warning("CntrFS: unmounting %s: %s", self.mountpoint, exc)
                 self.mountpoint = None
+        if self._started and self._conn_id is not None:
+            abort_connection(self._conn_id)
         self._raw.stop()
         self._forward_log()
 
@@ -386,6 +397,35 @@ class CntrFs:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def abort_connection(conn_id: int) -> bool:
+    """Abort FUSE connection ``conn_id`` now through a private fusectl mount.
+
+    fusectl is one superblock per host listing every connection; a detached mount of it
+    touches no mount table. False (logged) when it cannot be done: closing the server's
+    descriptors still aborts the connection, only later.
+    """
+    try:
+        fsfd = llsys.fsopen("fusectl")
+        try:
+            llsys.fsconfig(fsfd, llsys.FSCONFIG_CMD_CREATE)
+            mnt = llsys.fsmount(fsfd)
+        finally:
+            os.close(fsfd)
+        try:
+            fd = os.open(f"{conn_id}/abort", os.O_WRONLY | os.O_CLOEXEC, dir_fd=mnt)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(mnt)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the connection has already ended
+            log.warning("CntrFS: aborting FUSE connection %d via fusectl: %s", conn_id, exc)
+        return False
+    return True
 
 
 @contextlib.contextmanager
