@@ -17,6 +17,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,3 +177,55 @@ def test_enable_uring_sets_the_knob_for_this_init_only() -> None:
     finally:
         Path(URING_KNOB).write_text(before)
         os.close(lock)
+
+
+_WAITER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("waiting", flush=True)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("acquired", flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_lock_waits_park_their_entries_and_the_ring_keeps_serving() -> None:
+    """More SETLKW waiters than ring entries: each parks its entry (a replacement entry is
+    registered), other requests are still answered, and every waiter gets the lock."""
+    with cntrfs_mount("uring=on,enable_uring,ring_depth=1") as m:
+        assert m.fs.negotiated is not None and m.fs.negotiated.transport == "uring"
+        entries = m.fs.negotiated.ring_entries
+        (m.source / "f").write_bytes(bytes(10))
+        holder = os.open(m.source / "f", os.O_RDWR)  # the backing file: conflicts through
+        fcntl.lockf(holder, fcntl.LOCK_EX)
+        waiters: list[subprocess.Popen[str]] = []
+        try:
+            for _ in range(entries + 2):
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", _WAITER, str(m.mountpoint / "f")],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                waiters.append(proc)
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "waiting"
+            deadline = time.monotonic() + 20
+            while m.fs.stats().blocked_locks < len(waiters) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert m.fs.stats().blocked_locks == len(waiters)
+            before = m.fs.stats().ring_requests
+            for i in range(20):  # served while every waiter holds a parked entry
+                (m.mountpoint / f"g{i}").write_text("still served")
+                assert (m.mountpoint / f"g{i}").read_text() == "still served"
+            assert m.fs.stats().ring_requests - before >= 20
+            fcntl.lockf(holder, fcntl.LOCK_UN)
+            for proc in waiters:
+                assert proc.stdout is not None
+                assert proc.stdout.readline().strip() == "acquired"
+                assert proc.wait(timeout=20) == 0
+            assert m.fs.stats().ring_commit_errors == 0
+        finally:
+            os.close(holder)
+            for proc in waiters:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
