@@ -249,12 +249,15 @@ class CntrFs:
         """Create the FUSE filesystem as a detached mount; the caller owns the returned fd."""
         if self._started:
             raise DvsError("this CntrFS server is already mounted; start another one")
-        knob = (
-            uring_knob_enabled()
-            if self.options.enable_uring and self.options.uring != "off"
-            else contextlib.nullcontext()
-        )
-        with knob:
+        with contextlib.ExitStack() as knob:
+            if self.options.enable_uring and self.options.uring != "off":
+                try:
+                    knob.enter_context(uring_knob_enabled())
+                except DvsError as exc:
+                    if self.options.uring == "on":
+                        raise
+                    # uring=auto: a knob we cannot set only means /dev/fuse
+                    log.warning("CntrFS: enable_uring: %s; requests go through /dev/fuse", exc)
             mount_fd = self._make_mount_fd(init_timeout)
         negotiated = self.negotiated
         if self.options.uring == "on" and negotiated and negotiated.transport != "uring":
