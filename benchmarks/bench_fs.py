@@ -3,7 +3,9 @@ one run, with ratios.
 
 Configurations (each serves the same backing directory on the same ext4):
   native       the backing directory itself, no FUSE
-  dvs          CntrFS with kernel passthrough (the default)
+  dvs          CntrFS with kernel passthrough, requests over FUSE-over-io_uring (the defaults
+               when the kernel offers the ring; ``-o enable_uring`` so it does)
+  dvs-dev      the same over /dev/fuse read/write (``-o uring=off``)
   dvs-nopt     CntrFS without passthrough (writeback cache), every read/write in the daemon
   pyfuse3      pyfuse3's examples/passthroughfs.py (Python, Trio), taken from pyfuse3's sdist
                (``pip download``) at run time -- the Python baseline (extra ``baseline``)
@@ -19,6 +21,7 @@ The machine is shared and noisy: every repetition runs all configurations back t
 table shows the median over repetitions, and ratios come from the same run.
 
 Usage (root): python3 benchmarks/bench_fs.py [--reps 3] [--quick] [--configs dvs,native,...]
+                                            [--workloads create,stat_warm,...]
 """
 
 from __future__ import annotations
@@ -47,7 +50,19 @@ from dvs.testing.cache import cache_dir
 HERE = Path(__file__).resolve().parent
 FILES = 10_000
 # short names for mount points and scratch directories: fs_mark refuses paths of 40+ bytes
-TAGS = {"native": "n", "dvs": "d", "dvs-nopt": "w", "pyfuse3": "p", "libfuse-ll": "l"}
+TAGS = {
+    "native": "n",
+    "dvs": "d",
+    "dvs-dev": "v",
+    "dvs-nopt": "w",
+    "pyfuse3": "p",
+    "libfuse-ll": "l",
+}
+DVS_OPTIONS = {
+    "dvs": "uring=auto,enable_uring",
+    "dvs-dev": "uring=off",
+    "dvs-nopt": "nopassthrough,uring=auto,enable_uring",
+}
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -157,6 +172,7 @@ class Setup:
         self.fsbench = fsbench
         self.pyfuse3 = pyfuse3
         self.ll = ll
+        self.announced: set[str] = set()
 
     def prepare(self, big_mib: int, configs: list[str]) -> None:
         for root in (self.native, self.backing):
@@ -177,10 +193,14 @@ class Setup:
             return
         mnt = self.work / f"m{TAGS[name]}"
         mnt.mkdir(exist_ok=True)
-        if name in ("dvs", "dvs-nopt"):
-            opts = MountOptions.parse("nopassthrough" if name == "dvs-nopt" else "")
+        if name in DVS_OPTIONS:
+            opts = MountOptions.parse(DVS_OPTIONS[name])
             with CntrFs(self.backing, opts) as fs:
                 fs.mount(mnt)
+                transport = fs.negotiated.transport if fs.negotiated else "?"
+                if name not in self.announced:
+                    self.announced.add(name)
+                    print(f"  {name}: -o {DVS_OPTIONS[name]}, transport {transport}", flush=True)
                 yield mnt
         elif name == "pyfuse3":
             assert self.pyfuse3 is not None
@@ -323,7 +343,7 @@ def steady_workloads(
 
 
 def run_steady(
-    setup: Setup, configs: list[str], reps: int, quick: bool, big_mib: int
+    setup: Setup, configs: list[str], reps: int, quick: bool, big_mib: int, only: set[str]
 ) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {c: {} for c in configs}
     with contextlib.ExitStack() as stack:
@@ -331,6 +351,8 @@ def run_steady(
         for root in roots.values():
             sh("dd", f"if={root / 'big'}", "of=/dev/null", "bs=1M", "status=none")
         for key, work in steady_workloads(setup, quick, big_mib):
+            if key not in only:
+                continue
             for rep in range(reps):
                 order = configs if rep % 2 == 0 else configs[::-1]  # cancels linear drift
                 for name in order:
@@ -378,22 +400,30 @@ def report(results: dict[str, dict[str, list[float]]], configs: list[str]) -> st
         pairs = list(zip(results[a][key], results[b][key], strict=True))
         return statistics.median(x / y for x, y in pairs if y)
 
-    lines = ["| workload | unit | " + " | ".join(configs) + " | dvs/native | dvs/pyfuse3 |"]
-    lines.append("|" + "---|" * (len(configs) + 4))
+    ratios = ["dvs/native", "dvs-dev/native", "dvs/pyfuse3"]
+    lines = ["| workload | unit | " + " | ".join(configs + ratios) + " |"]
+    lines.append("|" + "---|" * (len(configs) + len(ratios) + 2))
     for key, label, unit in WORKLOADS:
+        if not all(key in med[c] for c in configs):
+            continue
         row = [label, unit] + [fmt(med[c][key]) for c in configs]
-        r_native, r_py = paired("dvs", "native", key), paired("dvs", "pyfuse3", key)
-        row.append(f"{r_native:.2f}x" if r_native else "")
-        row.append(f"{r_py:.0f}x" if r_py else "")
+        for column in ratios:
+            a, b = column.split("/")
+            r = paired(a, b, key) if key in results.get(a, {}) else None
+            row.append("" if r is None else f"{r:.0f}x" if r >= 10 else f"{r:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for key, goal in [("seq_read", 0.95), ("rand_read", 0.9), ("stat_warm", 0.7), ("create", 0.3)]:
-        ratio = paired("dvs", "native", key)
+        ratio = paired("dvs", "native", key) if key in results.get("dvs", {}) else None
         if ratio is not None:
             verdict = "met" if ratio >= goal else "MISSED"
             lines.append(f"- target {key} >= {goal}x native: {ratio:.2f}x ({verdict})")
     if "pyfuse3" in med and "dvs" in med:
-        slower = [k for k, _, _ in WORKLOADS if (paired("dvs", "pyfuse3", k) or 0) <= 1]
+        slower = [
+            k
+            for k, _, _ in WORKLOADS
+            if k in results["dvs"] and (paired("dvs", "pyfuse3", k) or 0) <= 1
+        ]
         lines.append(
             "- faster than pyfuse3 on every row: "
             + ("yes" if not slower else f"NO ({', '.join(slower)})")
@@ -407,7 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller files")
-    parser.add_argument("--configs", default="native,dvs,dvs-nopt,pyfuse3,libfuse-ll")
+    parser.add_argument("--configs", default="native,dvs,dvs-dev,dvs-nopt,pyfuse3,libfuse-ll")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(k for k, _, _ in WORKLOADS),
+        help="subset of: " + ", ".join(k for k, _, _ in WORKLOADS),
+    )
     parser.add_argument("--work", default="/var/tmp/dvsfs", help="ext4 scratch directory")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
@@ -434,9 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("engines: fio psync iodepth=1, invalidate=0 (page cache warm); fsbench.c loops")
     start = time.monotonic()
-    results = run_steady(setup, configs, args.reps, args.quick, big_mib)
-    for name, cold in run_cold(setup, configs, args.reps).items():
-        results[name].update(cold)
+    only = set(args.workloads.split(","))
+    results = run_steady(setup, configs, args.reps, args.quick, big_mib, only)
+    if only & {"stat_cold", "readdir_cold"}:
+        for name, cold in run_cold(setup, configs, args.reps).items():
+            results[name].update({k: v for k, v in cold.items() if k in only})
     print(f"total {time.monotonic() - start:.0f} s")
     print()
     print(report(results, configs))

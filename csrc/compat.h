@@ -193,6 +193,37 @@ struct dvs_fuse_open_out {
 	uint32_t open_flags;
 	int32_t backing_id;
 };
+/* FUSE over io_uring (7.42, Linux 6.14): requests and replies travel through ring entries
+ * registered with IORING_OP_URING_CMD on /dev/fuse (SQE128; the command sits in the SQE's
+ * 80-byte cmd area). Each entry is two user buffers: a header (below) and a payload. */
+#ifndef FUSE_URING_IN_OUT_HEADER_SZ
+#define FUSE_URING_IN_OUT_HEADER_SZ 128
+#define FUSE_URING_OP_IN_OUT_SZ 128
+#endif
+#define DVS_FUSE_IO_URING_CMD_REGISTER 1	 /* register an entry, then wait for a request */
+#define DVS_FUSE_IO_URING_CMD_COMMIT_AND_FETCH 2 /* reply to the entry's request, wait again */
+struct dvs_fuse_uring_ent_in_out { /* struct fuse_uring_ent_in_out */
+	uint64_t flags;
+	uint64_t commit_id; /* the request's unique, echoed in the commit command */
+	uint32_t payload_sz; /* bytes valid in the payload buffer, either direction */
+	uint32_t padding;
+	uint64_t reserved;
+};
+struct dvs_fuse_uring_req_header { /* struct fuse_uring_req_header: iov[0] of REGISTER */
+	char in_out[FUSE_URING_IN_OUT_HEADER_SZ]; /* fuse_in_header / fuse_out_header */
+	char op_in[FUSE_URING_OP_IN_OUT_SZ];	   /* the opcode's fixed argument (in_args[0]) */
+	struct dvs_fuse_uring_ent_in_out ring_ent_in_out;
+};
+struct dvs_fuse_uring_cmd_req { /* struct fuse_uring_cmd_req, in sqe->cmd */
+	uint64_t flags;
+	uint64_t commit_id;
+	uint16_t qid;
+	uint8_t padding[6];
+};
+#ifndef FUSE_MIN_READ_BUFFER
+#define FUSE_MIN_READ_BUFFER 8192
+#endif
+
 #ifndef FILESYSTEM_MAX_STACK_DEPTH
 #define FILESYSTEM_MAX_STACK_DEPTH 2
 #endif

@@ -12,6 +12,9 @@
  * - When the last descriptor of a connection is closed (server stopped or killed) the kernel
  *   aborts the connection: waiting and later callers get ENOTCONN, nobody hangs. When the
  *   filesystem is unmounted, reads on the device return ENODEV and the workers end.
+ * - FUSE over io_uring (Linux 6.14, uring.c): with FUSE_OVER_IO_URING granted at INIT,
+ *   ordinary requests travel through ring entries instead of read()/write() on the device;
+ *   INIT, FORGET and INTERRUPT still come through /dev/fuse, so both transports run.
  *
  * Python drives the life cycle through these few coarse calls (dvs/lowlevel/fuse.py):
  * new -> (mount with fd = dvs_fuse_dev_fd) -> wait_init -> stats/log ... -> stop -> free.
@@ -29,6 +32,12 @@
 #define DVS_FUSE_WANT_WRITEBACK 2	/* writeback cache (only without passthrough) */
 #define DVS_FUSE_NO_DEVICE 4		/* no /dev/fuse: replies are captured (fuzzing) */
 #define DVS_FUSE_DEBUG 8		/* log every request to the log ring */
+#define DVS_FUSE_WANT_URING 16		/* FUSE over io_uring when the kernel offers it */
+#define DVS_FUSE_TEST_URING_BAD_QID 32	/* tests: register ring entries for a queue that does
+					 * not exist, so the kernel refuses them and falls back */
+#define DVS_FUSE_URING_NO_PIN 64	/* do not pin ring threads to their queue's CPU */
+#define DVS_FUSE_TRANSPORT_DEV 0	/* requests are read from /dev/fuse */
+#define DVS_FUSE_TRANSPORT_URING 1	/* requests arrive in io_uring ring entries */
 
 struct dvs_fuse_id_range { /* one line of a user-namespace map: inside outside count */
 	uint32_t inside;
@@ -44,6 +53,8 @@ struct dvs_fuse_config {
 	uint32_t fd_budget;	/* O_PATH descriptors kept open for inodes, 0: RLIMIT_NOFILE/2 */
 	uint64_t entry_timeout_ns; /* dentry cache validity given to the kernel */
 	uint64_t attr_timeout_ns;  /* attribute cache validity */
+	uint32_t ring_depth;	   /* ring entries per ring thread and queue, 0: 1 */
+	uint32_t ring_threads;	   /* ring threads, 0: n_workers */
 	/* id maps of the target user namespace (uid_map/gid_map lines); n == 0: identity.
 	 * A backing file owned by id B appears owned by the kernel id that B maps to, and a
 	 * caller with kernel id K acts on the backing store as the id K maps back to. */
@@ -65,6 +76,10 @@ struct dvs_fuse_negotiated {
 	uint32_t writeback;	/* 1: FUSE_WRITEBACK_CACHE granted */
 	uint32_t max_stack_depth;
 	int32_t error;		/* -errno if INIT failed */
+	uint32_t transport;	/* DVS_FUSE_TRANSPORT_*: what carries requests */
+	uint32_t ring_queues;	/* io_uring: the kernel's queues (one per possible CPU) */
+	uint32_t ring_entries;	/* io_uring: entries registered */
+	uint32_t ring_threads;	/* io_uring: threads serving them */
 };
 
 struct dvs_fuse_stats {
@@ -82,8 +97,10 @@ struct dvs_fuse_stats {
 	uint64_t backing_files;	/* backing ids currently registered */
 	uint64_t interrupts;
 	uint64_t blocked_locks;	/* SETLKW requests waiting right now */
-	uint32_t workers;	/* worker threads still running */
-	uint32_t pad;
+	uint64_t ring_requests;	/* requests that arrived through io_uring entries */
+	uint64_t ring_commit_errors; /* commits the kernel refused (request gone) */
+	uint32_t workers;	/* worker threads still running (/dev/fuse and ring) */
+	uint32_t ring_threads;	/* ring threads still running */
 };
 
 struct dvs_fuse_server;

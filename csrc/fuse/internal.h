@@ -107,8 +107,12 @@ struct anchor {
 	int fd;
 };
 
+struct ring_thread; /* uring.c */
+struct ring_ent;
+
 struct worker {
 	struct dvs_fuse_server *s;
+	struct ring_thread *rt; /* set for a FUSE-over-io_uring thread (uring.c) */
 	int fd;
 	int index;
 	pthread_t thread;
@@ -117,6 +121,9 @@ struct worker {
 	size_t in_cap;
 	uint8_t *out; /* page-aligned payload buffer for replies */
 	size_t out_cap;
+	/* ring threads: the payload buffer of the entry being served, where a READ reply can
+	 * be produced in place (READ carries no payload of its own); NULL otherwise */
+	uint8_t *reply_direct;
 	_Atomic uint64_t cur_unique;
 	/* statistics, written by this worker only */
 	_Atomic uint64_t requests, errors, bytes_read, bytes_written;
@@ -141,8 +148,21 @@ struct dvs_fuse_server {
 	int dev_fd;
 	uint32_t n_workers;
 	struct worker *workers;
+
+	/* FUSE over io_uring (uring.c) */
+	uint32_t n_rings;		/* ring threads (0: none set up) */
+	struct ring_thread **rings;
+	uint32_t ring_queues;		/* the kernel's queue count: possible CPUs */
+	int uring;			/* FUSE_OVER_IO_URING granted at INIT */
+	pthread_cond_t ring_cond;	/* under init_lock: set-up / go / registration results */
+	uint32_t rings_set_up, rings_failed, rings_registered, rings_reg_failed;
+	int ring_go;			/* 1: register, -1: exit */
+	struct dvs_fuse_negotiated pending_init; /* published once registration settled */
 	_Atomic int stopping;
 	_Atomic uint32_t running;
+	/* the ring carries the requests: /dev/fuse only brings FORGET and INTERRUPT, so one
+	 * device worker is enough, and it lets forgets pile up into batches */
+	_Atomic int dev_quiet;
 
 	/* negotiated at INIT */
 	pthread_mutex_t init_lock;
@@ -213,8 +233,17 @@ struct req {
 	const struct fuse_in_header *in;
 	const uint8_t *arg; /* opcode argument, arglen bytes (extensions excluded) */
 	uint32_t arglen;
+	struct ring_ent *ent; /* arrived through a ring entry: the reply goes there */
 	int replied;
 	int reply_failed; /* the kernel refused the reply (request was aborted) */
+};
+
+/* Where an answer given later (a lock wait on its own thread) must go: the /dev/fuse
+ * descriptor the request was read from, or the ring entry it arrived in. */
+struct reply_target {
+	int fd;
+	struct ring_ent *ent;
+	uint64_t unique;
 };
 
 /* ---- server.c ---- */
@@ -223,10 +252,30 @@ void cntrfs_log(struct dvs_fuse_server *s, const char *fmt, ...)
 int cntrfs_reply(struct req *r, int error, const struct iovec *iov, int n);
 int cntrfs_reply_buf(struct req *r, const void *payload, size_t len);
 int cntrfs_reply_err(struct req *r, int neg_errno);
-int cntrfs_write_reply(struct dvs_fuse_server *s, int fd, uint64_t unique, int error,
-		       const void *payload, size_t len);
-void cntrfs_serve(struct worker *w, const uint8_t *buf, size_t len);
+/* Answer a request whose handler returned long ago (error only, no payload). */
+void cntrfs_late_reply(struct dvs_fuse_server *s, const struct reply_target *t, int error);
+/* Serve one raw request; ent: the ring entry it arrived in (NULL: /dev/fuse). */
+void cntrfs_serve(struct worker *w, const uint8_t *buf, size_t len, struct ring_ent *ent);
+void cntrfs_publish_init(struct dvs_fuse_server *s, const struct dvs_fuse_negotiated *info);
 int cntrfs_wake_signal(void);
+
+/* ---- uring.c ---- */
+/* Set up the ring threads (before the workers start): 0, or -errno when FUSE over
+ * io_uring cannot be used by this process (logged); the server then uses /dev/fuse. */
+int cntrfs_rings_setup(struct dvs_fuse_server *s);
+/* After the INIT reply: go=1 registers every entry (the last thread publishes the
+ * negotiation result), go=-1 ends the ring threads. */
+void cntrfs_rings_go(struct dvs_fuse_server *s, int go);
+void cntrfs_rings_stop(struct dvs_fuse_server *s);
+void cntrfs_rings_free(struct dvs_fuse_server *s);
+/* Ring entries (uring.c): fill the reply of the request that arrived in ent; park it for a
+ * late answer; hand a late answer back to the entry's thread. */
+int cntrfs_ring_emit(struct ring_ent *ent, const struct iovec *iov, int n);
+void cntrfs_ring_park(struct ring_ent *ent);
+void cntrfs_ring_late_reply(struct ring_ent *ent, uint64_t unique, int error);
+int cntrfs_possible_cpus(void);
+void cntrfs_ring_stats(struct dvs_fuse_server *s, struct dvs_fuse_stats *st);
+void cntrfs_add_worker_stats(struct worker *w, struct dvs_fuse_stats *st);
 
 /* ---- decode.c ---- */
 struct opdesc {

@@ -1122,11 +1122,13 @@ int cntrfs_op_read(struct req *r)
 	size_t size = in->size;
 	if (size > r->w->out_cap)
 		size = r->w->out_cap;
-	ssize_t n = pread(f->fd, r->w->out, size, (off_t)in->offset);
+	/* a ring entry's payload buffer takes the data in place (READ brings no payload) */
+	uint8_t *buf = r->ent && r->w->reply_direct ? r->w->reply_direct : r->w->out;
+	ssize_t n = pread(f->fd, buf, size, (off_t)in->offset);
 	if (n < 0)
 		return -errno;
 	atomic_fetch_add_explicit(&r->w->bytes_read, (uint64_t)n, memory_order_relaxed);
-	return cntrfs_reply_buf(r, r->w->out, (size_t)n);
+	return cntrfs_reply_buf(r, buf, (size_t)n);
 }
 
 int cntrfs_op_write(struct req *r)
@@ -1469,8 +1471,7 @@ int cntrfs_op_readdirplus(struct req *r)
 
 struct blocking_op {
 	struct dvs_fuse_server *s;
-	int reply_fd;
-	uint64_t unique;
+	struct reply_target reply; /* reply.unique: the request being answered */
 	int fd; /* a dup: same open file description as the lock owner's */
 	int is_flock;
 	int flock_op;
@@ -1623,7 +1624,7 @@ static void *blocking_main(void *arg)
 	}
 	if (have_timer)
 		timer_delete(timer);
-	cntrfs_write_reply(s, op->reply_fd, op->unique, ret, NULL, 0);
+	cntrfs_late_reply(s, &op->reply, ret);
 	pthread_mutex_lock(&s->block_lock);
 	for (struct blocking_op **link = &s->blocking; *link; link = &(*link)->next)
 		if (*link == op) {
@@ -1649,8 +1650,9 @@ static int start_blocking(struct req *r, int fd, int is_flock, int flock_op, con
 	if (!op)
 		return -ENOMEM;
 	op->s = s;
-	op->reply_fd = r->w->fd;
-	op->unique = r->in->unique;
+	op->reply.fd = r->w->fd;
+	op->reply.ent = r->ent;
+	op->reply.unique = r->in->unique;
 	op->is_flock = is_flock;
 	op->flock_op = flock_op;
 	if (fl)
@@ -1662,7 +1664,7 @@ static int start_blocking(struct req *r, int fd, int is_flock, int flock_op, con
 	}
 	pthread_mutex_lock(&s->block_lock);
 	for (unsigned i = 0; i < 16; i++)
-		if (s->recent_interrupts[i] == op->unique)
+		if (s->recent_interrupts[i] == op->reply.unique)
 			op->interrupted = 1; /* the INTERRUPT overtook its request */
 	op->next = s->blocking;
 	s->blocking = op;
@@ -1683,6 +1685,8 @@ static int start_blocking(struct req *r, int fd, int is_flock, int flock_op, con
 	}
 	pthread_mutex_unlock(&s->block_lock);
 	r->replied = 1; /* the thread answers */
+	if (r->ent)
+		cntrfs_ring_park(r->ent); /* the entry waits for that answer */
 	return 0;
 }
 
@@ -1760,7 +1764,7 @@ int cntrfs_op_interrupt(struct req *r)
 	int found = 0;
 	pthread_mutex_lock(&s->block_lock);
 	for (struct blocking_op *op = s->blocking; op; op = op->next) {
-		if (op->unique == in->unique) {
+		if (op->reply.unique == in->unique) {
 			atomic_store(&op->interrupted, 1);
 			pthread_kill(op->thread, cntrfs_wake_signal());
 			found = 1;

@@ -41,6 +41,10 @@
 
 #define WRITE_PAYLOAD_OFFSET (sizeof(struct fuse_in_header) + sizeof(struct fuse_write_in))
 #define FUSE_DEV_IOC_CLONE_DVS _IOR(229, 0, uint32_t)
+/* With the ring, a forget per unlinked file would wake a device worker per file: waiting a
+ * little after each lets the kernel hand over the next ones as one BATCH_FORGET (the
+ * INTERRUPT that may queue meanwhile only waits this long; its request is not blocked). */
+#define CNTRFS_FORGET_BATCH_US 2000
 
 static pthread_once_t signal_once = PTHREAD_ONCE_INIT;
 static int wake_sig;
@@ -115,7 +119,8 @@ int dvs_fuse_log_drain(struct dvs_fuse_server *s, char *buf, uint32_t cap)
 
 /* ---- replies ---- */
 
-static int emit(struct dvs_fuse_server *s, int fd, struct iovec *iov, int n, size_t total)
+static int emit(struct dvs_fuse_server *s, int fd, struct ring_ent *ent, struct iovec *iov,
+		int n, size_t total)
 {
 	if (s->cfg.flags & DVS_FUSE_NO_DEVICE) {
 		s->capture_len = 0;
@@ -128,6 +133,8 @@ static int emit(struct dvs_fuse_server *s, int fd, struct iovec *iov, int n, siz
 		}
 		return 0;
 	}
+	if (ent)
+		return cntrfs_ring_emit(ent, iov, n); /* committed by the entry's thread */
 	ssize_t w = writev(fd, iov, n);
 	if (w < 0)
 		return -errno;
@@ -153,7 +160,7 @@ int cntrfs_reply(struct req *r, int error, const struct iovec *iov, int n)
 	r->replied = 1;
 	if (error)
 		atomic_fetch_add_explicit(&r->w->errors, 1, memory_order_relaxed);
-	int ret = emit(r->s, r->w->fd, all, n + 1, total);
+	int ret = emit(r->s, r->w->fd, r->ent, all, n + 1, total);
 	if (ret < 0) {
 		/* ENOENT: the request was interrupted and dropped by the kernel meanwhile */
 		r->reply_failed = 1;
@@ -175,13 +182,15 @@ int cntrfs_reply_err(struct req *r, int neg_errno)
 	return cntrfs_reply(r, neg_errno, NULL, 0);
 }
 
-int cntrfs_write_reply(struct dvs_fuse_server *s, int fd, uint64_t unique, int error,
-		       const void *payload, size_t len)
+void cntrfs_late_reply(struct dvs_fuse_server *s, const struct reply_target *t, int error)
 {
-	struct fuse_out_header h = { .len = (uint32_t)(sizeof(h) + len), .error = error,
-				     .unique = unique };
-	struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)payload, len } };
-	return emit(s, fd, iov, len ? 2 : 1, sizeof(h) + len);
+	if (t->ent) {
+		cntrfs_ring_late_reply(t->ent, t->unique, error);
+		return;
+	}
+	struct fuse_out_header h = { .len = sizeof(h), .error = error, .unique = t->unique };
+	struct iovec iov = { &h, sizeof(h) };
+	emit(s, t->fd, NULL, &iov, 1, sizeof(h));
 }
 
 /* ---- INIT ---- */
@@ -212,6 +221,19 @@ static const struct feature wanted[] = {
 	{ FUSE_SETXATTR_EXT, "SETXATTR_EXT", "setting an ACL cannot clear sgid" },
 	{ FUSE_DIRECT_IO_ALLOW_MMAP, "DIRECT_IO_ALLOW_MMAP", "no shared mmap of O_DIRECT files" },
 };
+
+/* The fuse module's enable_uring parameter: 'Y', 'N', or '?' when it cannot be read. */
+static char uring_knob(void)
+{
+	char c = '?';
+	int fd = open("/sys/module/fuse/parameters/enable_uring", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		if (read(fd, &c, 1) != 1)
+			c = '?';
+		close(fd);
+	}
+	return c;
+}
 
 static int stack_depth_for(const char *source)
 {
@@ -294,6 +316,22 @@ int cntrfs_op_init(struct req *r)
 		cntrfs_log(s, "INIT: writeback cache off: it excludes passthrough");
 	}
 
+	int ring = 0;
+	if (s->cfg.flags & DVS_FUSE_WANT_URING) {
+		if (!(kflags & FUSE_OVER_IO_URING)) {
+			char knob = uring_knob();
+			cntrfs_log(s, "INIT: kernel does not offer OVER_IO_URING (needs Linux 6.14 and "
+				      "/sys/module/fuse/parameters/enable_uring=Y, it is %c): requests "
+				      "are read from /dev/fuse", knob);
+		} else if (s->n_rings == 0) {
+			cntrfs_log(s, "INIT: FUSE over io_uring offered but no ring could be set up "
+				      "(see above): requests are read from /dev/fuse");
+		} else {
+			grant |= FUSE_OVER_IO_URING;
+			ring = 1;
+		}
+	}
+
 	s->max_pages = (grant & FUSE_MAX_PAGES) ? s->cfg.max_pages : 32;
 	s->max_write = s->max_pages * CNTRFS_PAGE;
 	if (!(grant & FUSE_BIG_WRITES) && !(grant & FUSE_MAX_PAGES))
@@ -305,6 +343,7 @@ int cntrfs_op_init(struct req *r)
 	s->setxattr_ext = (grant & FUSE_SETXATTR_EXT) != 0;
 	s->export_support = (grant & FUSE_EXPORT_SUPPORT) != 0;
 	s->max_stack_depth = pt ? stack_depth_for(s->source) : 0;
+	s->uring = ring;
 
 	struct dvs_fuse_init_out out;
 	memset(&out, 0, sizeof(out));
@@ -328,31 +367,53 @@ int cntrfs_op_init(struct req *r)
 	info.passthrough = (uint32_t)pt;
 	info.writeback = (uint32_t)wb;
 	info.max_stack_depth = (uint32_t)s->max_stack_depth;
+	info.transport = DVS_FUSE_TRANSPORT_DEV;
 	cntrfs_log(s, "INIT: FUSE %u.%u, passthrough %s, writeback cache %s, max_write %u KiB",
 		   in->major, info.proto_minor, pt ? "on" : "off", wb ? "on" : "off",
 		   s->max_write / 1024);
 	atomic_store(&s->initialized, 1);
+	/* the kernel marks the connection initialised while it processes this reply: only
+	 * then may ring entries be registered (earlier ones get EAGAIN) */
 	cntrfs_reply_buf(r, &out, sizeof(out));
-	pthread_mutex_lock(&s->init_lock);
-	s->init = info;
-	pthread_cond_broadcast(&s->init_cond);
-	pthread_mutex_unlock(&s->init_lock);
+	if (ring && !r->reply_failed) {
+		pthread_mutex_lock(&s->init_lock);
+		s->pending_init = info;
+		pthread_mutex_unlock(&s->init_lock);
+		cntrfs_rings_go(s, 1); /* the ring threads publish the result */
+		return 0;
+	}
+	if (s->n_rings)
+		cntrfs_rings_go(s, -1);
+	cntrfs_publish_init(s, &info);
 	return 0;
 
 done_err:
+	if (s->n_rings)
+		cntrfs_rings_go(s, -1);
+	cntrfs_publish_init(s, &info);
+	return info.error;
+}
+
+void cntrfs_publish_init(struct dvs_fuse_server *s, const struct dvs_fuse_negotiated *info)
+{
+	if (info->transport == DVS_FUSE_TRANSPORT_URING && !(s->cfg.flags & DVS_FUSE_NO_DEVICE)) {
+		atomic_store(&s->dev_quiet, 1);
+		for (uint32_t i = 1; i < s->n_workers; i++)
+			if (s->workers[i].started)
+				pthread_kill(s->workers[i].thread, cntrfs_wake_signal());
+	}
 	pthread_mutex_lock(&s->init_lock);
-	s->init = info;
+	s->init = *info;
 	pthread_cond_broadcast(&s->init_cond);
 	pthread_mutex_unlock(&s->init_lock);
-	return info.error;
 }
 
 /* ---- serving ---- */
 
-void cntrfs_serve(struct worker *w, const uint8_t *buf, size_t len)
+void cntrfs_serve(struct worker *w, const uint8_t *buf, size_t len, struct ring_ent *ent)
 {
 	struct dvs_fuse_server *s = w->s;
-	struct req r = { .s = s, .w = w };
+	struct req r = { .s = s, .w = w, .ent = ent };
 	int ret = cntrfs_decode(buf, len, &r);
 	atomic_fetch_add_explicit(&w->requests, 1, memory_order_relaxed);
 	if (ret == -EIO && len < sizeof(struct fuse_in_header)) {
@@ -377,6 +438,8 @@ void cntrfs_serve(struct worker *w, const uint8_t *buf, size_t len)
 			   (unsigned long long)r.in->unique, (unsigned long long)r.in->nodeid, ret);
 	if (ret < 0 && !r.replied && !no_reply)
 		cntrfs_reply_err(&r, ret);
+	else if (ent && !r.replied)
+		cntrfs_reply_err(&r, ret < 0 ? ret : -EIO); /* a ring entry is only freed by a reply */
 	atomic_store_explicit(&w->cur_unique, 0, memory_order_relaxed);
 }
 
@@ -393,6 +456,8 @@ static void *worker_main(void *arg)
 		cntrfs_log(s, "worker %d: per-thread credentials unavailable: %s", w->index,
 			   strerror(-ret));
 	while (!atomic_load(&s->stopping)) {
+		if (w->index > 0 && atomic_load(&s->dev_quiet))
+			break; /* the ring serves; worker 0 keeps reading forgets and interrupts */
 		ssize_t n = read(w->fd, w->in, w->in_cap);
 		if (n < 0) {
 			int err = errno;
@@ -403,7 +468,12 @@ static void *worker_main(void *arg)
 					   strerror(err));
 			break; /* ENODEV: unmounted */
 		}
-		cntrfs_serve(w, w->in, (size_t)n);
+		cntrfs_serve(w, w->in, (size_t)n, NULL);
+		if (atomic_load(&s->dev_quiet) && n >= (ssize_t)sizeof(struct fuse_in_header)) {
+			uint32_t opcode = ((const struct fuse_in_header *)w->in)->opcode;
+			if (opcode == FUSE_FORGET || opcode == FUSE_BATCH_FORGET)
+				usleep(CNTRFS_FORGET_BATCH_US); /* later forgets come as one batch */
+		}
 	}
 	pthread_mutex_lock(&s->init_lock);
 	atomic_fetch_sub(&s->running, 1);
@@ -426,7 +496,7 @@ static void *fuzz_main(void *arg)
 			break;
 		pthread_mutex_unlock(&s->fuzz_lock);
 		s->capture_len = 0;
-		cntrfs_serve(s->fuzz_worker, s->fuzz_req, s->fuzz_len);
+		cntrfs_serve(s->fuzz_worker, s->fuzz_req, s->fuzz_len, NULL);
 		cntrfs_creds_root();
 		pthread_mutex_lock(&s->fuzz_lock);
 		s->fuzz_state = 2;
@@ -520,6 +590,7 @@ int dvs_fuse_new(const struct dvs_fuse_config *config, struct dvs_fuse_server **
 	s->dev_fd = -1;
 	pthread_mutex_init(&s->init_lock, NULL);
 	pthread_cond_init(&s->init_cond, NULL);
+	pthread_cond_init(&s->ring_cond, NULL);
 	pthread_mutex_init(&s->log_lock, NULL);
 	pthread_mutex_init(&s->fuzz_lock, NULL);
 	pthread_cond_init(&s->fuzz_cond, NULL);
@@ -646,6 +717,8 @@ int dvs_fuse_start(struct dvs_fuse_server *s)
 	sigset_t block, old;
 	sigfillset(&block);
 	pthread_sigmask(SIG_BLOCK, &block, &old); /* workers start with signals blocked */
+	if (s->cfg.flags & DVS_FUSE_WANT_URING)
+		cntrfs_rings_setup(s); /* before INIT can be answered; failures are logged */
 	int ret = 0;
 	for (uint32_t i = 0; i < s->n_workers; i++) {
 		struct worker *w = &s->workers[i];
@@ -714,17 +787,23 @@ int dvs_fuse_wait_exit(struct dvs_fuse_server *s, uint32_t timeout_ms)
 	return wait_cond(s, timeout_ms, exit_ready);
 }
 
+void cntrfs_add_worker_stats(struct worker *w, struct dvs_fuse_stats *st)
+{
+	st->requests += atomic_load_explicit(&w->requests, memory_order_relaxed);
+	st->errors += atomic_load_explicit(&w->errors, memory_order_relaxed);
+	st->bytes_read += atomic_load_explicit(&w->bytes_read, memory_order_relaxed);
+	st->bytes_written += atomic_load_explicit(&w->bytes_written, memory_order_relaxed);
+	for (int op = 0; op < DVS_FUSE_MAX_OPCODE; op++)
+		st->by_opcode[op] += atomic_load_explicit(&w->by_opcode[op], memory_order_relaxed);
+}
+
 int dvs_fuse_stats(struct dvs_fuse_server *s, struct dvs_fuse_stats *st)
 {
 	memset(st, 0, sizeof(*st));
+	cntrfs_ring_stats(s, st);
 	for (uint32_t i = 0; i < s->n_workers; i++) {
 		struct worker *w = &s->workers[i];
-		st->requests += atomic_load_explicit(&w->requests, memory_order_relaxed);
-		st->errors += atomic_load_explicit(&w->errors, memory_order_relaxed);
-		st->bytes_read += atomic_load_explicit(&w->bytes_read, memory_order_relaxed);
-		st->bytes_written += atomic_load_explicit(&w->bytes_written, memory_order_relaxed);
-		for (int op = 0; op < DVS_FUSE_MAX_OPCODE; op++)
-			st->by_opcode[op] += atomic_load_explicit(&w->by_opcode[op], memory_order_relaxed);
+		cntrfs_add_worker_stats(w, st);
 	}
 	st->inodes = atomic_load(&s->n_live);
 	st->open_files = atomic_load(&s->open_files);
@@ -745,6 +824,7 @@ int dvs_fuse_stop(struct dvs_fuse_server *s)
 		return -EINVAL;
 	atomic_store(&s->stopping, 1);
 	cntrfs_blocking_stop_all(s);
+	cntrfs_rings_stop(s); /* rings first: their commands hold the device open */
 	if (s->workers) {
 		for (uint32_t i = 0; i < s->n_workers; i++) {
 			struct worker *w = &s->workers[i];
@@ -800,6 +880,7 @@ void dvs_fuse_free(struct dvs_fuse_server *s)
 	}
 	if (s->dev_fd >= 0)
 		close(s->dev_fd);
+	cntrfs_rings_free(s);
 	cntrfs_ftab_free(s);
 	cntrfs_itab_free(s);
 	if (s->root_fd >= 0)

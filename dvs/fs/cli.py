@@ -41,7 +41,10 @@ def register(cli: Cli) -> None:
         metavar="OPTS",
         help="comma-separated: ro, nosuid, nodev, noexec, nopassthrough, nowriteback, "
         "timeout=S, entry_timeout=S, attr_timeout=S, workers=N, max_pages=N, fd_budget=N, "
-        "uid_map=IN:OUT:COUNT[/...], gid_map=..., debug",
+        "uid_map=IN:OUT:COUNT[/...], gid_map=..., debug, "
+        "uring=auto|on|off (FUSE over io_uring), enable_uring (set the host's fuse "
+        "enable_uring knob to Y around this mount's INIT), ring_threads=N, ring_depth=N, "
+        "uring_nopin",
     )
     mount.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     mount.add_argument(

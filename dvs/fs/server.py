@@ -14,13 +14,31 @@ Kernel semantics relied on:
   ``allow_other``: callers in other user namespaces (a container's) may use the mount.
 - Unmounting makes the workers' reads fail with ENODEV: they end by themselves. A lazy
   unmount (MNT_DETACH) of a busy mount keeps serving the open files until they are closed.
+- Transport (``uring=auto|on|off``): FUSE over io_uring (Linux 6.14) is offered by the
+  kernel at INIT only while the host-global parameter
+  ``/sys/module/fuse/parameters/enable_uring`` is Y; the kernel reads it when it sends
+  INIT, when it processes the reply and when ring entries register, never afterwards for
+  a connection that has it. dvs leaves that knob alone unless the mount asks for
+  ``enable_uring``: then it is set to Y around this mount's INIT and registration only
+  and restored at once (under a lock, so concurrent dvs mounts restore the right value).
+  ``auto`` uses the ring when offered and logs why not otherwise; ``on`` fails the mount
+  with KernelLacksFeature when the ring cannot be used.
+- Stopping aborts the connection explicitly (``abort`` in its fusectl directory, through a
+  private detached fusectl mount) before the server's descriptors close. Closing them alone
+  aborts it too, but with the ring the io_uring instances hold /dev/fuse references that
+  the kernel drops asynchronously (ring exit work): callers in that window got
+  ECONNABORTED instead of ENOTCONN. The abort is synchronous: once ``stop`` returns, every
+  new request fails with ENOTCONN and requests in flight ended with ECONNABORTED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -32,6 +50,9 @@ from dvs.lowlevel.fuse import IdRange, Negotiated, Stats
 log = logging.getLogger("dvs.fs")
 
 FSTYPE_SUBTYPE = "dvs"  # shows as fuse.dvs in /proc/self/mountinfo
+URING_KNOB = "/sys/module/fuse/parameters/enable_uring"
+URING_KNOB_LOCK = "/run/dvs-fuse-enable-uring.lock"
+URING_MODES = ("auto", "on", "off")
 
 
 _FLAG_OPTIONS: dict[str, tuple[str, bool]] = {
@@ -52,6 +73,8 @@ _FLAG_OPTIONS: dict[str, tuple[str, bool]] = {
     "default_permissions": ("default_permissions", True),
     "nodefault_permissions": ("default_permissions", False),
     "debug": ("debug", True),
+    "enable_uring": ("enable_uring", True),
+    "uring_nopin": ("uring_pin", False),
 }
 
 
@@ -73,6 +96,11 @@ class MountOptions:
     allow_other: bool = True
     default_permissions: bool = True
     debug: bool = False  # log every request (slow)
+    uring: str = "auto"  # FUSE over io_uring: auto (when offered), on (required), off
+    enable_uring: bool = False  # set the host's enable_uring knob to Y around this INIT
+    ring_depth: int = 0  # ring entries per ring thread and queue; 0: 1
+    ring_threads: int = 0  # threads serving ring entries; 0: as many as workers
+    uring_pin: bool = True  # pin ring threads to their queue's CPU
     uid_map: tuple[IdRange, ...] = ()
     gid_map: tuple[IdRange, ...] = ()
 
@@ -86,8 +114,12 @@ class MountOptions:
             if not value and key in _FLAG_OPTIONS:
                 name, flag = _FLAG_OPTIONS[key]
                 changes[name] = flag
-            elif key in ("workers", "max_pages", "fd_budget"):
+            elif key in ("workers", "max_pages", "fd_budget", "ring_depth", "ring_threads"):
                 changes[key] = _int_option(key, value)
+            elif key == "uring":
+                if value not in URING_MODES:
+                    raise DvsError(f"mount option uring is one of {URING_MODES}, not {value!r}")
+                changes["uring"] = value
             elif key == "timeout":
                 changes["entry_timeout"] = changes["attr_timeout"] = _float_option(key, value)
             elif key in ("entry_timeout", "attr_timeout"):
@@ -106,6 +138,10 @@ class MountOptions:
             flags |= llfuse.WANT_WRITEBACK
         if self.debug:
             flags |= llfuse.DEBUG
+        if self.uring != "off":
+            flags |= llfuse.WANT_URING
+        if not self.uring_pin:
+            flags |= llfuse.URING_NO_PIN
         return flags
 
     def mount_attrs(self) -> int:
@@ -174,7 +210,15 @@ class CntrFs:
     (or leaving the ``with`` block) unmounts a path mount and aborts the connection.
     """
 
-    def __init__(self, source: str | os.PathLike[str], options: MountOptions | None = None):
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        options: MountOptions | None = None,
+        *,
+        extra_flags: int = 0,
+    ):
+        """``extra_flags``: further ``dvs.lowlevel.fuse`` server flags (fault injection in
+        tests, e.g. TEST_URING_BAD_QID)."""
         self.source = os.path.realpath(os.fspath(source))
         if not os.path.isdir(self.source):
             raise DvsError(f"the FUSE source {self.source!r} is not a directory")
@@ -183,17 +227,21 @@ class CntrFs:
         self.negotiated: Negotiated | None = None
         self._raw = llfuse.RawServer(
             self.source,
-            flags=self.options.server_flags(),
+            flags=self.options.server_flags() | extra_flags,
             workers=self.options.workers,
             max_pages=self.options.max_pages,
             fd_budget=self.options.fd_budget,
             entry_timeout=self.options.entry_timeout,
             attr_timeout=self.options.attr_timeout,
+            ring_depth=self.options.ring_depth,
+            ring_threads=self.options.ring_threads,
             uid_map=self.options.uid_map,
             gid_map=self.options.gid_map,
         )
         self._started = False
         self._stopped = False
+        self._log_history: list[str] = []  # recent server log lines (error messages)
+        self._conn_id: int | None = None  # the connection's fusectl name (its st_dev)
 
     # ---- mounting ------------------------------------------------------------------------
 
@@ -201,6 +249,28 @@ class CntrFs:
         """Create the FUSE filesystem as a detached mount; the caller owns the returned fd."""
         if self._started:
             raise DvsError("this CntrFS server is already mounted; start another one")
+        with contextlib.ExitStack() as knob:
+            if self.options.enable_uring and self.options.uring != "off":
+                try:
+                    knob.enter_context(uring_knob_enabled())
+                except DvsError as exc:
+                    if self.options.uring == "on":
+                        raise
+                    # uring=auto: a knob we cannot set only means /dev/fuse
+                    log.warning("CntrFS: enable_uring: %s; requests go through /dev/fuse", exc)
+            mount_fd = self._make_mount_fd(init_timeout)
+        negotiated = self.negotiated
+        if self.options.uring == "on" and negotiated and negotiated.transport != "uring":
+            os.close(mount_fd)
+            self.stop()
+            raise KernelLacksFeature(
+                "FUSE over io_uring",
+                f"Linux 6.14 and {URING_KNOB}=Y (or -o enable_uring)",
+                "; ".join(line for line in self._log_history if "ring" in line.lower()),
+            )
+        return mount_fd
+
+    def _make_mount_fd(self, init_timeout: float) -> int:
         opts = self.options
         try:
             fsfd = llsys.fsopen("fuse")
@@ -231,6 +301,8 @@ class CntrFs:
             self._raw.start()
             self._started = True
             self.wait_initialized(init_timeout)
+            # only now: a stat of the mount before INIT waits for the connection
+            self._conn_id = os.minor(os.fstat(mount_fd).st_dev)  # anonymous device: major 0
         except BaseException:
             os.close(mount_fd)
             raise
@@ -289,6 +361,8 @@ class CntrFs:
 
     def _forward_log(self) -> list[str]:
         lines = self._raw.drain_log()
+        self._log_history.extend(lines[-50:])
+        del self._log_history[:-50]
         for line in lines:
             level = logging.WARNING if "fail" in line or "did not" in line else logging.INFO
             log.log(level, "CntrFS %s: %s", self.source, line)
@@ -307,6 +381,8 @@ class CntrFs:
             except OSError as exc:
                 log.warning("CntrFS: unmounting %s: %s", self.mountpoint, exc)
                 self.mountpoint = None
+        if self._started and self._conn_id is not None:
+            abort_connection(self._conn_id)
         self._raw.stop()
         self._forward_log()
 
@@ -324,6 +400,74 @@ class CntrFs:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def abort_connection(conn_id: int) -> bool:
+    """Abort FUSE connection ``conn_id`` now through a private fusectl mount.
+
+    fusectl is one superblock per host listing every connection; a detached mount of it
+    touches no mount table. False (logged) when it cannot be done: closing the server's
+    descriptors still aborts the connection, only later.
+    """
+    try:
+        fsfd = llsys.fsopen("fusectl")
+        try:
+            llsys.fsconfig(fsfd, llsys.FSCONFIG_CMD_CREATE)
+            mnt = llsys.fsmount(fsfd)
+        finally:
+            os.close(fsfd)
+        try:
+            fd = os.open(f"{conn_id}/abort", os.O_WRONLY | os.O_CLOEXEC, dir_fd=mnt)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(mnt)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # ENOENT: the connection has already ended
+            log.warning("CntrFS: aborting FUSE connection %d via fusectl: %s", conn_id, exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def uring_knob_enabled() -> Iterator[None]:
+    """Hold the host's enable_uring knob at Y, then restore what it was.
+
+    The knob is global to the host; a lock file serialises dvs mounts that touch it, so one
+    never restores a value another mount set meanwhile.
+    """
+    try:
+        lock = os.open(URING_KNOB_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DvsError(f"enable_uring: cannot open {URING_KNOB_LOCK}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(URING_KNOB) as f:
+                before = f.read().strip()
+        except OSError as exc:
+            raise KernelLacksFeature(
+                "FUSE over io_uring", "Linux 6.14 (CONFIG_FUSE_IO_URING)", str(exc)
+            ) from exc
+        changed = before != "Y"
+        if changed:
+            try:
+                with open(URING_KNOB, "w") as f:
+                    f.write("Y")
+            except OSError as exc:
+                raise NotPermitted(f"enable_uring: writing {URING_KNOB}: {exc.strerror}") from exc
+            log.info("CntrFS: %s set to Y for this mount's INIT (was %s)", URING_KNOB, before)
+        try:
+            yield
+        finally:
+            if changed:
+                with open(URING_KNOB, "w") as f:
+                    f.write(before)
+                log.info("CntrFS: %s restored to %s", URING_KNOB, before)
+    finally:
+        os.close(lock)
 
 
 def _mount_error(exc: OSError, what: str) -> DvsError:

@@ -7,6 +7,9 @@ Kernel/protocol semantics relied on (details in csrc/fuse/cntrfs.h):
 - The kernel sends ``FUSE_INIT`` at mount time; ``wait_init`` returns what was negotiated.
 - ``stop`` wakes and joins the workers, then closes every device descriptor: the kernel
   aborts the connection, so callers get ``ENOTCONN`` instead of hanging.
+- With FUSE over io_uring (Linux 6.14, the ``fuse`` parameter ``enable_uring``), most
+  requests arrive in ring entries served by ring threads; INIT, FORGET and INTERRUPT still
+  come through the device, so both kinds of threads run.
 - Requests never touch Python: these calls only start, stop and observe the server.
 """
 
@@ -22,6 +25,11 @@ WANT_PASSTHROUGH: int = lib.DVS_FUSE_WANT_PASSTHROUGH
 WANT_WRITEBACK: int = lib.DVS_FUSE_WANT_WRITEBACK
 NO_DEVICE: int = lib.DVS_FUSE_NO_DEVICE
 DEBUG: int = lib.DVS_FUSE_DEBUG
+WANT_URING: int = lib.DVS_FUSE_WANT_URING
+TEST_URING_BAD_QID: int = lib.DVS_FUSE_TEST_URING_BAD_QID
+URING_NO_PIN: int = lib.DVS_FUSE_URING_NO_PIN
+TRANSPORT_DEV: int = lib.DVS_FUSE_TRANSPORT_DEV
+TRANSPORT_URING: int = lib.DVS_FUSE_TRANSPORT_URING
 
 # fuse_opcode numbers (include/uapi/linux/fuse.h) -> names, for statistics
 OPCODES = {
@@ -102,6 +110,10 @@ class Negotiated:
     passthrough: bool
     writeback: bool
     max_stack_depth: int
+    transport: str = "dev"  # "dev": /dev/fuse read/write; "uring": FUSE over io_uring
+    ring_queues: int = 0
+    ring_entries: int = 0
+    ring_threads: int = 0
 
 
 @dataclass
@@ -121,6 +133,9 @@ class Stats:
     interrupts: int
     blocked_locks: int
     workers: int
+    ring_requests: int = 0  # requests that arrived through io_uring entries
+    ring_commit_errors: int = 0
+    ring_threads: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -148,6 +163,8 @@ class RawServer:
         fd_budget: int = 0,
         entry_timeout: float = 1.0,
         attr_timeout: float = 1.0,
+        ring_depth: int = 0,
+        ring_threads: int = 0,
         uid_map: Sequence[IdRange] = (),
         gid_map: Sequence[IdRange] = (),
     ) -> None:
@@ -162,6 +179,8 @@ class RawServer:
         cfg.fd_budget = fd_budget
         cfg.entry_timeout_ns = int(entry_timeout * 1e9)
         cfg.attr_timeout_ns = int(attr_timeout * 1e9)
+        cfg.ring_depth = ring_depth
+        cfg.ring_threads = ring_threads
         cfg.uid_map = uid_arr
         cfg.n_uid_map = n_uid
         cfg.gid_map = gid_arr
@@ -197,6 +216,10 @@ class RawServer:
             passthrough=bool(info.passthrough),
             writeback=bool(info.writeback),
             max_stack_depth=info.max_stack_depth,
+            transport="uring" if info.transport == TRANSPORT_URING else "dev",
+            ring_queues=info.ring_queues,
+            ring_entries=info.ring_entries,
+            ring_threads=info.ring_threads,
         )
 
     def wait_exit(self, timeout: float) -> bool:
@@ -227,6 +250,9 @@ class RawServer:
             interrupts=st.interrupts,
             blocked_locks=st.blocked_locks,
             workers=st.workers,
+            ring_requests=st.ring_requests,
+            ring_commit_errors=st.ring_commit_errors,
+            ring_threads=st.ring_threads,
         )
 
     def drain_log(self) -> list[str]:

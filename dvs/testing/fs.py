@@ -4,6 +4,10 @@
 can act as other users), mounts CntrFS there in this process and tears everything down
 again -- lazily unmounting and aborting the connection even when the body failed, so a
 broken test never leaves a hanging mount behind.
+
+``DVS_TEST_FS_URING=off|on|auto`` sets the transport of every mount made here whose options
+do not name one (``uring=auto`` is the default), so the whole suite can run over /dev/fuse
+read/write and over FUSE-over-io_uring.
 """
 
 from __future__ import annotations
@@ -53,7 +57,13 @@ def cntrfs_mount(
     base: str | None = None,
 ) -> Iterator[MountedFs]:
     """Mount CntrFS over ``source`` (a fresh directory if None) at a fresh mount point."""
-    opts = options if isinstance(options, MountOptions) else MountOptions.parse(options)
+    if isinstance(options, MountOptions):
+        opts = options
+    else:
+        transport = os.environ.get("DVS_TEST_FS_URING")
+        if transport and "uring=" not in options:
+            options = f"uring={transport},{options}"
+        opts = MountOptions.parse(options)
     top = world_dir("dvs-cntrfs-", base)
     src = Path(source) if source is not None else top / "src"
     mnt = top / "mnt"

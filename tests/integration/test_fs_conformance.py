@@ -40,6 +40,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dvs.probe import ProbeReport
 from dvs.testing.fs import cntrfs_mount, world_dir
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -188,13 +189,30 @@ def _empty(root: Path) -> None:
             full.unlink()
 
 
-@pytest.fixture(params=["root-passthrough", "root-writeback", "user-passthrough"])
-def setup(request: pytest.FixtureRequest) -> Iterator[tuple[Executor, Path, Path, str]]:
+@pytest.fixture(
+    params=[
+        f"{who}-{io}-{transport}"
+        for who, io in (("root", "passthrough"), ("root", "writeback"), ("user", "passthrough"))
+        for transport in ("dev", "ring")
+    ]
+)
+def setup(
+    request: pytest.FixtureRequest, host: ProbeReport
+) -> Iterator[tuple[Executor, Path, Path, str]]:
+    """Every variant over both transports: /dev/fuse read/write and FUSE over io_uring."""
     variant: str = request.param
     user = USER if variant.startswith("user") else None
-    options = "nopassthrough" if variant.endswith("writeback") else ""
+    options = "nopassthrough" if "-writeback" in variant else ""
+    if variant.endswith("-ring"):
+        if host.fuse.over_io_uring == "absent":
+            pytest.skip("the kernel has no FUSE over io_uring")
+        options += ",uring=on,enable_uring"
+    else:
+        options += ",uring=off"
     native = world_dir("dvs-native-")
     with cntrfs_mount(options) as m:
+        transport = m.fs.negotiated.transport if m.fs.negotiated else None
+        assert transport == ("uring" if variant.endswith("-ring") else "dev")
         for root in (native, m.source):
             root.chmod(0o777 if user is None else 0o755)
             if user is not None:
@@ -205,6 +223,9 @@ def setup(request: pytest.FixtureRequest) -> Iterator[tuple[Executor, Path, Path
         finally:
             executor.close()
             shutil.rmtree(native, ignore_errors=True)
+        stats = m.fs.stats()
+        # over the ring, the operations really arrived in ring entries; otherwise none did
+        assert (stats.ring_requests > 0) == variant.endswith("-ring"), stats
 
 
 def _differences(native: Any, mounted: Any) -> list[str]:

@@ -22,6 +22,7 @@ from dvs.lowlevel import sys as llsys
 from dvs.testing.fs import cntrfs_mount, world_dir
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
+DVS_FS_MOUNT = [sys.executable, "-m", "dvs", "fs", "mount"]
 
 
 @pytest.mark.timeout(180)
@@ -137,12 +138,15 @@ def test_unmount_with_busy_files() -> None:
 
 
 @pytest.mark.timeout(90)
-def test_server_killed_while_a_caller_waits_gets_enotconn() -> None:
+@pytest.mark.parametrize("transport", ["uring=off", "uring=on,enable_uring"])
+def test_server_killed_while_a_caller_waits_gets_enotconn(transport: str) -> None:
+    """Over the ring, the waiter's SETLKW sits in a parked ring entry when the server dies."""
     src, mnt = world_dir("dvs-kill-src-"), world_dir("dvs-kill-mnt-")
     (src / "f").write_bytes(bytes(100))
     server = subprocess.Popen(
-        [sys.executable, "-m", "dvs", "fs", "mount", "-f", str(src), str(mnt)],
+        [*DVS_FS_MOUNT, "-f", "-v", "-o", transport, str(src), str(mnt)],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     holder = waiter = None
@@ -161,6 +165,9 @@ def test_server_killed_while_a_caller_waits_gets_enotconn() -> None:
         time.sleep(0.3)
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
+        assert server.stderr is not None
+        log = server.stderr.read()
+        assert ("requests travel through io_uring" in log) == ("uring=on" in transport), log
         out = waiter.stdout.readline().strip()
         # the kernel (fuse_abort_conn) ends requests in flight with ECONNABORTED; every
         # request after the abort fails with ENOTCONN

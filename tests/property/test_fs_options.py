@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from dvs.errors import DvsError
 from dvs.fs.server import MountOptions, parse_id_map
 from dvs.fs.view import _ranges
+from dvs.lowlevel import fuse as llfuse
 from dvs.lowlevel.fuse import IdRange
 
 ranges = st.lists(
@@ -90,3 +91,16 @@ def test_view_accepts_every_map_spelling(rs: list[IdRange]) -> None:
 def test_identity_map_means_no_translation() -> None:
     assert _ranges("0 0 4294967295\n") == ()
     assert _ranges(None) is None
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_transport_options(mode: str) -> None:
+    opts = MountOptions.parse(f"uring={mode},enable_uring,ring_threads=3,ring_depth=2,uring_nopin")
+    assert (opts.uring, opts.enable_uring, opts.ring_threads, opts.ring_depth) == (mode, True, 3, 2)
+    assert not opts.uring_pin
+    flags = opts.server_flags()
+    assert bool(flags & llfuse.WANT_URING) == (mode != "off")
+    assert flags & llfuse.URING_NO_PIN
+    assert MountOptions().uring == "auto" and not MountOptions().enable_uring
+    with pytest.raises(DvsError, match="uring"):
+        MountOptions.parse("uring=maybe")
