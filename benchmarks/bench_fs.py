@@ -11,6 +11,10 @@ Configurations (each serves the same backing directory on the same ext4):
                (``pip download``) at run time -- the Python baseline (extra ``baseline``)
   libfuse-ll   libfuse 3.14's example/passthrough_ll.c built from libfuse3-dev (C, libfuse,
                no kernel passthrough) -- a C baseline
+  libfuse-hp   libfuse 3.14's example/passthrough_hp.cc (C++, libfuse's fastest passthrough
+               server, the reference issue 8 names), built from Debian's fuse3 source tarball
+               (deb.debian.org, SHA-256 checked against Debian's fuse3_3.14.0-4.dsc) with the
+               options it ships with -- libfuse 3.14 has no kernel passthrough either
 Workloads: fio psync sequential 1 MiB read and write, 4 KiB random read at queue depth 1
 (page cache warm: ``invalidate=0``); a C loop (benchmarks/fsbench.c) for stat() of 10 000
 files, create+4 KiB write+close+unlink of 10 000 files and readdir of a 10 000-entry
@@ -57,7 +61,11 @@ TAGS = {
     "dvs-nopt": "w",
     "pyfuse3": "p",
     "libfuse-ll": "l",
+    "libfuse-hp": "h",
 }
+# Debian 12's fuse3 source (libfuse3-dev ships passthrough_ll.c but not passthrough_hp.cc)
+FUSE3_ORIG = "http://deb.debian.org/debian/pool/main/f/fuse3/fuse3_3.14.0.orig.tar.xz"
+FUSE3_ORIG_SHA256 = "96115b2a8ff34bd1e0c7b00c5dfd8297571d7e165042b94498c9a26356a9a70a"
 DVS_OPTIONS = {
     "dvs": "uring=auto,enable_uring",
     "dvs-dev": "uring=off",
@@ -91,6 +99,45 @@ def build_passthrough_ll() -> Path | None:
     if not target.exists():
         flags = sh("pkg-config", "--cflags", "--libs", "fuse3").split()
         sh("gcc", "-O2", "-o", str(target), str(src), *flags)
+    return target
+
+
+def build_passthrough_hp() -> Path | None:
+    """passthrough_hp from Debian's fuse3 3.14 source; None (with the reason) when unreachable."""
+    import hashlib
+    import urllib.request
+
+    target = cache_dir() / "passthrough_hp-3.14"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        tarball = Path(tmp) / "fuse3.tar.xz"
+        try:
+            with urllib.request.urlopen(FUSE3_ORIG, timeout=60) as response:
+                tarball.write_bytes(response.read())
+        except OSError as exc:
+            print(f"bench_fs: libfuse-hp skipped: cannot fetch {FUSE3_ORIG}: {exc}")
+            return None
+        digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
+        if digest != FUSE3_ORIG_SHA256:
+            print(f"bench_fs: libfuse-hp skipped: {FUSE3_ORIG} has SHA-256 {digest}")
+            return None
+        example = "fuse-3.14.0/example/"
+        with tarfile.open(tarball) as tar:
+            for name in ("passthrough_hp.cc", "passthrough_helpers.h", "cxxopts.hpp"):
+                data = tar.extractfile(example + name)
+                assert data is not None
+                (Path(tmp) / name).write_bytes(data.read())
+        flags = sh("pkg-config", "--cflags", "--libs", "fuse3").split()
+        sh(
+            "g++",
+            "-O2",
+            "-std=c++17",
+            "-o",
+            str(target),
+            str(Path(tmp) / "passthrough_hp.cc"),
+            *flags,
+        )
     return target
 
 
@@ -165,13 +212,21 @@ class Setup:
     files, same ext4) at its own mount point, all mounted at once so workloads can
     alternate between configurations second by second."""
 
-    def __init__(self, work: Path, fsbench: Path, pyfuse3: Path | None, ll: Path | None):
+    def __init__(
+        self,
+        work: Path,
+        fsbench: Path,
+        pyfuse3: Path | None,
+        ll: Path | None,
+        hp: Path | None = None,
+    ):
         self.work = work
         self.native = work / "native"
         self.backing = work / "backing"
         self.fsbench = fsbench
         self.pyfuse3 = pyfuse3
         self.ll = ll
+        self.hp = hp
         self.announced: set[str] = set()
 
     def prepare(self, big_mib: int, configs: list[str]) -> None:
@@ -212,6 +267,12 @@ class Setup:
             assert self.ll is not None
             with external_mount(
                 [str(self.ll), "-f", "-o", f"source={self.backing}", str(mnt)], mnt
+            ) as root:
+                yield root
+        elif name == "libfuse-hp":
+            assert self.hp is not None
+            with external_mount(
+                [str(self.hp), "--foreground", str(self.backing), str(mnt)], mnt
             ) as root:
                 yield root
         else:
@@ -400,7 +461,7 @@ def report(results: dict[str, dict[str, list[float]]], configs: list[str]) -> st
         pairs = list(zip(results[a][key], results[b][key], strict=True))
         return statistics.median(x / y for x, y in pairs if y)
 
-    ratios = ["dvs/native", "dvs-dev/native", "dvs/pyfuse3"]
+    ratios = ["dvs/native", "dvs-dev/native", "dvs/pyfuse3", "dvs/libfuse-hp"]
     lines = ["| workload | unit | " + " | ".join(configs + ratios) + " |"]
     lines.append("|" + "---|" * (len(configs) + len(ratios) + 2))
     for key, label, unit in WORKLOADS:
@@ -409,7 +470,8 @@ def report(results: dict[str, dict[str, list[float]]], configs: list[str]) -> st
         row = [label, unit] + [fmt(med[c][key]) for c in configs]
         for column in ratios:
             a, b = column.split("/")
-            r = paired(a, b, key) if key in results.get(a, {}) else None
+            both = key in results.get(a, {}) and key in results.get(b, {})
+            r = paired(a, b, key) if both else None
             row.append("" if r is None else f"{r:.0f}x" if r >= 10 else f"{r:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -428,6 +490,18 @@ def report(results: dict[str, dict[str, list[float]]], configs: list[str]) -> st
             "- faster than pyfuse3 on every row: "
             + ("yes" if not slower else f"NO ({', '.join(slower)})")
         )
+    if "libfuse-hp" in med and "dvs" in med:
+        behind = [
+            k
+            for k, _, _ in WORKLOADS
+            if k in results["dvs"]
+            and k in results["libfuse-hp"]
+            and (paired("dvs", "libfuse-hp", k) or 0) < 1
+        ]
+        lines.append(
+            "- at least as fast as libfuse's passthrough_hp on every row: "
+            + ("yes" if not behind else f"no ({', '.join(behind)})")
+        )
     return "\n".join(lines)
 
 
@@ -437,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="shorter runs, smaller files")
-    parser.add_argument("--configs", default="native,dvs,dvs-dev,dvs-nopt,pyfuse3,libfuse-ll")
+    parser.add_argument(
+        "--configs", default="native,dvs,dvs-dev,dvs-nopt,pyfuse3,libfuse-ll,libfuse-hp"
+    )
     parser.add_argument(
         "--workloads",
         default=",".join(k for k, _, _ in WORKLOADS),
@@ -451,16 +527,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     fsbench_bin = build_fsbench()
     pyfuse3 = pyfuse3_example()
-    ll = build_passthrough_ll()
     configs = [c for c in args.configs.split(",") if c]
+    ll = build_passthrough_ll() if "libfuse-ll" in configs else None
+    hp = build_passthrough_hp() if "libfuse-hp" in configs else None
     if "pyfuse3" in configs and pyfuse3 is None:
         print("bench_fs: pyfuse3 not installed (pip install '.[baseline]'); skipping it")
         configs.remove("pyfuse3")
     if "libfuse-ll" in configs and ll is None:
         configs.remove("libfuse-ll")
+    if "libfuse-hp" in configs and hp is None:
+        configs.remove("libfuse-hp")
     big_mib = 256 if args.quick else 512
     work = Path(args.work)
-    setup = Setup(work, fsbench_bin, pyfuse3, ll)
+    setup = Setup(work, fsbench_bin, pyfuse3, ll, hp)
     setup.prepare(big_mib, configs)
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Linux "
