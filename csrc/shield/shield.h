@@ -92,6 +92,7 @@ struct dvs_shield_anchor {
 #define DVS_VOL_LAZY_FORMAT 8 /* format without syncing (durable at the first flush) */
 #define DVS_VOL_FAST_CLOSE 16 /* close without copying the last state into the other slot */
 #define DVS_VOL_DIRECT 32     /* the file is O_DIRECT: reads need no worker for a copy */
+#define DVS_VOL_ONE_CORE 64   /* AES-GCM on the calling thread only (no helper thread) */
 
 struct dvs_shield_config {
 	uint64_t capacity_blocks; /* format only */

@@ -25,8 +25,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "shield/crypto.h"
+#include "shield/pool.h"
 #include "shield/shield.h"
 #include "uring/u64map.h"
 
@@ -39,6 +41,7 @@
 #define MAX_RUN 64                /* blocks per coalesced request */
 #define MAX_CHAIN 32              /* write runs a flush links into its commit chain */
 #define N_PLANS 4                 /* stages of a pipelined read (a power of two) */
+#define PAR_MIN 32                /* blocks from which AES-GCM is shared with a second core */
 #define SLOT_NONE 2
 #define META_BLOCK UINT64_MAX
 #define MAGIC "DVSSHLD1"
@@ -209,7 +212,19 @@ struct dvs_shield_volume {
 	uint64_t part_block; /* which block scratch holds, when part_valid */
 	uint8_t part_valid;  /* scratch holds the current plaintext of part_block */
 	uint8_t part_dirty;  /* ... with bytes written that are not sealed yet */
+	/* a second core for AES-GCM on requests of PAR_MIN blocks or more (pool.h) */
+	struct dvs_crypto_pool *pool;
+	int pool_tried;
+	struct seal_item *seals; /* write_slots: blocks assigned but not sealed yet */
+	uint32_t n_seals;
 	struct dvs_shield_status st;
+};
+
+struct seal_item {
+	const uint8_t *in;
+	uint8_t *out;
+	struct entry *e; /* counter, salt and slot set; the tag is written by the seal */
+	uint64_t block;
 };
 
 /* ---- small helpers ---- */
@@ -304,6 +319,45 @@ static void make_aad(const struct dvs_shield_volume *v, struct aad *a, uint32_t 
 	a->level = level;
 	a->index = index;
 	a->counter = counter;
+}
+
+/* Seal/open one data block with context g, touching nothing of the volume but reading
+ * its id: safe on the pool's helper thread. */
+static int seal_data_with(const struct dvs_shield_volume *v, struct dvs_gcm *g, uint64_t index,
+			  struct entry *e, const uint8_t *in, uint8_t *out)
+{
+	uint8_t nonce[12];
+	struct aad a;
+	make_nonce(nonce, e->counter, e->salt);
+	make_aad(v, &a, KIND_DATA, 0, index, e->counter);
+	return dvs_gcm_seal(g, nonce, (const uint8_t *)&a, sizeof(a), in, out, BLK, e->tag);
+}
+
+static int open_data_with(const struct dvs_shield_volume *v, struct dvs_gcm *g, uint64_t index,
+			  const struct entry *e, const uint8_t *in, uint8_t *out)
+{
+	uint8_t nonce[12];
+	struct aad a;
+	make_nonce(nonce, e->counter, e->salt);
+	make_aad(v, &a, KIND_DATA, 0, index, e->counter);
+	return dvs_gcm_open(g, nonce, (const uint8_t *)&a, sizeof(a), in, out, BLK, e->tag);
+}
+
+/* The pool, started at the first request large enough to share (NULL: one core). */
+static struct dvs_crypto_pool *crypto_pool(struct dvs_shield_volume *v)
+{
+	if (!v->pool_tried) {
+		v->pool_tried = 1;
+		if (!(v->flags & DVS_VOL_ONE_CORE) && sysconf(_SC_NPROCESSORS_ONLN) > 1) {
+			v->seals = calloc(v->write_slots, sizeof(*v->seals));
+			if (!v->seals || dvs_pool_start(&v->pool, &v->gcm)) {
+				free(v->seals);
+				v->seals = NULL;
+				v->pool = NULL;
+			}
+		}
+	}
+	return v->pool;
 }
 
 static int seal_block(struct dvs_shield_volume *v, uint32_t kind, uint32_t level, uint64_t index,
@@ -1627,8 +1681,26 @@ static int plan_wait(struct dvs_shield_volume *v, struct read_plan *p)
 	return ret;
 }
 
+struct open_job {
+	struct dvs_shield_volume *v;
+	struct read_plan *p;
+};
+
+/* Staged block u of a plan (read-only lookups: the tree does not change during a job). */
+static int open_item(void *arg, struct dvs_gcm *g, uint32_t u)
+{
+	struct open_job *job = arg;
+	struct read_plan *p = job->p;
+	uint32_t j = p->stage_of[u];
+	uint64_t b = BLOCK_AT(p->list, p->first, j);
+	return open_data_with(job->v, g, b, data_entry(job->v, b, NULL),
+			      stage(job->v, p->base + u), p->out + (uint64_t)j * BLK);
+}
+
 /* Check every request came back whole, then authenticate and decrypt into the caller's
- * buffer, straight out of staging. */
+ * buffer, straight out of staging (sharing the work with the pool's helper for a large
+ * plan); every block is checked before the call returns, and a failure wipes the whole
+ * output in read_blocks. */
 static int plan_finish(struct dvs_shield_volume *v, struct read_plan *p)
 {
 	for (uint32_t k = 0; k < p->n_req; k++) {
@@ -1645,6 +1717,16 @@ static int plan_finish(struct dvs_shield_volume *v, struct read_plan *p)
 		}
 	}
 	v->st.blocks_read += p->staged;
+	struct dvs_crypto_pool *pool = p->staged >= PAR_MIN ? crypto_pool(v) : NULL;
+	if (pool) {
+		struct open_job job = { v, p };
+		uint32_t bad = 0;
+		int ret = dvs_pool_run(pool, &v->gcm, open_item, &job, p->staged, &bad);
+		v->st.blocks_opened += p->staged;
+		if (ret == -EBADMSG)
+			set_fail(v, ret, DVS_FAIL_DATA, 0, BLOCK_AT(p->list, p->first, p->stage_of[bad]));
+		return ret;
+	}
 	for (uint32_t u = 0; u < p->staged; u++) {
 		uint32_t j = p->stage_of[u];
 		uint64_t b = BLOCK_AT(p->list, p->first, j);
@@ -1775,15 +1857,41 @@ int dvs_shield_read_list(struct dvs_shield_volume *v, const uint64_t *blocks, ui
 
 /* ---- writes ---- */
 
+static int seal_item(void *arg, struct dvs_gcm *g, uint32_t i)
+{
+	struct dvs_shield_volume *v = arg;
+	struct seal_item *it = &v->seals[i];
+	return seal_data_with(v, g, it->block, it->e, it->in, it->out);
+}
+
+/* Seal the blocks write_chunk assigned (on both cores). Their write slots are DIRTY but
+ * nothing submits them before this returns: write_chunk calls it before anything that
+ * may submit (alloc_wslot when no slot is free) or reuse a slot (a rewrite). */
+static int seal_pending(struct dvs_shield_volume *v)
+{
+	uint32_t n = v->n_seals;
+	v->n_seals = 0;
+	if (!n)
+		return 0;
+	v->st.blocks_sealed += n;
+	return dvs_pool_run(v->pool, &v->gcm, seal_item, v, n, NULL);
+}
+
 static int write_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
 		       uint32_t n, const uint8_t *in)
 {
 	int ret = ensure_leaves(v, list, first, n);
 	if (!ret)
 		ret = reserve(v, n);
+	int shared = n >= PAR_MIN && crypto_pool(v);
 	for (uint32_t j = 0; j < n && !ret; j++) {
 		uint64_t b = BLOCK_AT(list, first, j);
 		void *ws = u64map_get(&v->dirty_blocks, b);
+		if (v->n_seals && (ws || v->n_wdirty + v->n_winflight >= v->write_slots)) {
+			ret = seal_pending(v);
+			if (ret)
+				break;
+		}
 		if (ws && v->wstate[(uintptr_t)ws - 1] == W_INFLIGHT) {
 			/* two writes of one block must not race: let the first finish */
 			while (!ret && u64map_get(&v->dirty_blocks, b))
@@ -1802,10 +1910,17 @@ static int write_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64
 		ne.flags = choose_data_slot(leaf, (uint32_t)(b % FANOUT));
 		ne.counter = v->next_counter++;
 		ne.salt = v->salt;
-		ret = seal_block(v, KIND_DATA, 0, b, &ne, in + (uint64_t)j * BLK, wslot(v, (uint32_t)slot));
-		if (ret)
-			break;
-		*e = ne;
+		if (shared) {
+			*e = ne; /* the tag follows in seal_pending */
+			v->seals[v->n_seals++] = (struct seal_item){ in + (uint64_t)j * BLK,
+								     wslot(v, (uint32_t)slot), e, b };
+		} else {
+			ret = seal_block(v, KIND_DATA, 0, b, &ne, in + (uint64_t)j * BLK,
+					 wslot(v, (uint32_t)slot));
+			if (ret)
+				break;
+			*e = ne;
+		}
 		ret = mark_dirty(v, leaf);
 		if (!ws) {
 			v->wstate[slot] = W_DIRTY;
@@ -1816,7 +1931,8 @@ static int write_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64
 		}
 		v->wphys[slot] = data_phys(v, b, ne.flags & 1);
 	}
-	return ret;
+	int sealed = seal_pending(v);
+	return ret ? ret : sealed;
 }
 
 static int write_range(struct dvs_shield_volume *v, uint64_t first, uint64_t n, const uint8_t *in,
@@ -2335,6 +2451,8 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 		free(v->dirty[l].v);
 	/* the arena holds ciphertext only (plaintext goes straight between the caller's buffer
 	 * and the cipher), so it needs no wiping; the key schedule does */
+	dvs_pool_stop(v->pool);
+	free(v->seals);
 	dvs_gcm_free(&v->gcm);
 	free(v->ios);
 	free(v->done);

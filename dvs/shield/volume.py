@@ -42,6 +42,7 @@ from typing import Any
 from dvs.lowlevel.shield import (
     BLOCK,
     VOL_DIRECT,
+    VOL_ONE_CORE,
     VOL_EPHEMERAL,
     VOL_LAZY_FORMAT,
     VOL_READONLY,
@@ -111,7 +112,9 @@ def write_anchor_file(path: str | os.PathLike[str], anchor: Anchor) -> None:
 
 class Volume:
     """A sealed volume, opened on a file (``create``/``open``) or on an engine you hold
-    (``create_on``/``open_on``, e.g. the fault-injecting memory disk)."""
+    (``create_on``/``open_on``, e.g. the fault-injecting memory disk). ``crypto_threads``:
+    2 (default) shares AES-GCM of requests of 32 blocks or more with a helper thread, 1
+    keeps it on the calling thread."""
 
     def __init__(
         self,
@@ -154,6 +157,7 @@ class Volume:
         write_slots: int = DEFAULT_WRITE_SLOTS,
         entries: int = 64,
         sqpoll: bool = False,
+        crypto_threads: int = 2,
     ) -> Volume:
         """Create (or overwrite) ``path`` as an empty volume of ``capacity`` bytes
         (rounded up to 4 KiB; the file is sparse, up to about twice that when full)."""
@@ -170,6 +174,7 @@ class Volume:
             write_slots=write_slots,
             entries=entries,
             sqpoll=sqpoll,
+            crypto_threads=crypto_threads,
         )
 
     @classmethod
@@ -189,6 +194,7 @@ class Volume:
         write_slots: int = DEFAULT_WRITE_SLOTS,
         entries: int = 64,
         sqpoll: bool = False,
+        crypto_threads: int = 2,
     ) -> Volume:
         """Open an existing volume. ``anchor``/``anchor_file``: refuse older states."""
         k = make_key(key, passphrase)
@@ -206,6 +212,7 @@ class Volume:
             write_slots=write_slots,
             entries=entries,
             sqpoll=sqpoll,
+            crypto_threads=crypto_threads,
         )
 
     @classmethod
@@ -225,7 +232,10 @@ class Volume:
         write_slots: int,
         entries: int,
         sqpoll: bool,
+        crypto_threads: int = 2,
     ) -> Volume:
+        if crypto_threads not in (1, 2):
+            raise ValueError("crypto_threads is 1 (the calling thread) or 2 (plus a helper)")
         flags = os.O_CLOEXEC | (os.O_RDONLY if readonly else os.O_RDWR)
         if create_blocks:
             flags |= os.O_CREAT
@@ -257,6 +267,7 @@ class Volume:
                 (VOL_READONLY if readonly else 0)
                 | (VOL_STRICT if strict else 0)
                 | (VOL_DIRECT if direct else 0)
+                | (VOL_ONE_CORE if crypto_threads == 1 else 0)
             )
             if create_blocks:
                 handle, status = VolumeHandle.format(
