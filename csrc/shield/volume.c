@@ -131,6 +131,8 @@ struct read_plan {
 	uint32_t n_req;    /* disk requests */
 	uint32_t pending;  /* requests not completed yet */
 	uint32_t *stage_of; /* staged slot -> index in the caller's block list */
+	uint32_t *served;   /* blocks served without a disk read (see plan_serve) */
+	uint32_t n_served;
 	uint32_t *req_first; /* request -> its first staged slot */
 	int32_t *res;
 	const uint64_t *list;
@@ -147,7 +149,8 @@ static int plan_init(struct read_plan *p, uint32_t base, uint32_t cap)
 	p->stage_of = calloc(cap, sizeof(uint32_t));
 	p->req_first = calloc(cap, sizeof(uint32_t));
 	p->res = calloc(cap, sizeof(int32_t));
-	return p->stage_of && p->req_first && p->res ? 0 : -ENOMEM;
+	p->served = calloc(cap, sizeof(uint32_t));
+	return p->stage_of && p->req_first && p->res && p->served ? 0 : -ENOMEM;
 }
 
 static void plan_free(struct read_plan *p)
@@ -155,6 +158,7 @@ static void plan_free(struct read_plan *p)
 	free(p->stage_of);
 	free(p->req_first);
 	free(p->res);
+	free(p->served);
 }
 
 enum { W_FREE = 0, W_DIRTY, W_INFLIGHT };
@@ -217,6 +221,11 @@ struct dvs_shield_volume {
 	int pool_tried;
 	struct seal_item *seals; /* write_slots: blocks assigned but not sealed yet */
 	uint32_t n_seals;
+	/* sequential readahead (read_pipelined): the ciphertext of the next range in flight */
+	uint64_t seq_next;   /* where the last read_blocks ended */
+	uint64_t ra_first;
+	uint32_t ra_n;       /* 0: none */
+	uint32_t ra_live, ra_issued;
 	struct dvs_shield_status st;
 };
 
@@ -1620,33 +1629,24 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 
 #define BLOCK_AT(list, first, j) ((list) ? (list)[j] : (first) + (j))
 
-/* Blocks that need no disk read are served at once (never written: zeros; waiting in a
- * write slot: opened from there); the rest are queued as coalesced reads into staging. */
-static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t id,
-		     const uint64_t *list, uint64_t first, uint32_t n, uint8_t *out, uint8_t flags)
+/* Blocks that need no disk read are noted for plan_serve (never written: zeros; waiting
+ * in a write slot: opened from there); the rest are queued as coalesced reads into
+ * staging. The leaves must be loaded (ensure_leaves) before: node loads use staging. */
+static int plan_queue(struct dvs_shield_volume *v, struct read_plan *p, uint32_t id,
+		      const uint64_t *list, uint64_t first, uint32_t n, uint8_t flags)
 {
-	int ret = ensure_leaves(v, list, first, n);
-	if (ret)
-		return ret;
-	p->staged = p->n_req = p->pending = 0;
+	int ret;
+	p->staged = p->n_req = p->pending = p->n_served = 0;
 	p->list = list;
 	p->first = first;
 	p->n = n;
-	p->out = out;
+	p->out = NULL;
 	struct dvs_io *last = NULL;
 	for (uint32_t j = 0; j < n; j++) {
 		uint64_t b = BLOCK_AT(list, first, j);
 		struct entry *e = data_entry(v, b, NULL);
-		if (!e->counter) {
-			memset(out + (uint64_t)j * BLK, 0, BLK);
-			continue;
-		}
-		void *ws = u64map_get(&v->dirty_blocks, b);
-		if (ws) {
-			ret = open_block(v, KIND_DATA, 0, b, e, wslot(v, (uint32_t)((uintptr_t)ws - 1)),
-					 out + (uint64_t)j * BLK);
-			if (ret)
-				return ret;
+		if (!e->counter || u64map_get(&v->dirty_blocks, b)) {
+			p->served[p->n_served++] = j;
 			continue;
 		}
 		uint64_t phys = data_phys(v, b, e->flags & 1);
@@ -1668,6 +1668,38 @@ static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t 
 	}
 	p->pending = p->n_req;
 	return 0;
+}
+
+/* Serve the plan's blocks that need no disk read into out (the caller's buffer). */
+static int plan_serve(struct dvs_shield_volume *v, struct read_plan *p, uint8_t *out)
+{
+	p->out = out;
+	for (uint32_t i = 0; i < p->n_served; i++) {
+		uint32_t j = p->served[i];
+		uint64_t b = BLOCK_AT(p->list, p->first, j);
+		struct entry *e = data_entry(v, b, NULL);
+		void *ws = e->counter ? u64map_get(&v->dirty_blocks, b) : NULL;
+		if (!ws) {
+			memset(out + (uint64_t)j * BLK, 0, BLK);
+			continue;
+		}
+		int ret = open_block(v, KIND_DATA, 0, b, e, wslot(v, (uint32_t)((uintptr_t)ws - 1)),
+				     out + (uint64_t)j * BLK);
+		if (ret)
+			return ret;
+	}
+	return 0;
+}
+
+static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t id,
+		     const uint64_t *list, uint64_t first, uint32_t n, uint8_t *out, uint8_t flags)
+{
+	int ret = ensure_leaves(v, list, first, n);
+	if (!ret)
+		ret = plan_queue(v, p, id, list, first, n, flags);
+	if (!ret)
+		ret = plan_serve(v, p, out);
+	return ret;
 }
 
 static int plan_wait(struct dvs_shield_volume *v, struct read_plan *p)
@@ -1758,24 +1790,90 @@ static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_
  * stage is refilled with the next chunk as soon as it is decrypted. On a buffered file the
  * transfers go to a kernel worker (IOSQE_ASYNC), so the page-cache copy runs on another
  * CPU than AES-GCM; on an O_DIRECT file the device does the transfer and needs no worker. */
+/* Let the readahead's transfers land and forget it: before anything that uses staging or
+ * changes what the volume holds. Its staging holds ciphertext only; nothing of it was
+ * opened. */
+static void ra_drop(struct dvs_shield_volume *v)
+{
+	if (!v->ra_n)
+		return;
+	v->ra_n = 0;
+	for (uint32_t s = 0; s < N_PLANS && v->eng; s++)
+		while (v->plans[s].pending)
+			if (pump(v, 1) < 0)
+				return;
+}
+
+/* Queue the stages of [first, first+n) as read_pipelined would, with no destination yet. */
+static int queue_stages(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint32_t *live,
+			uint32_t *issued)
+{
+	uint32_t size = v->read_slots / N_PLANS;
+	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
+	int ret = 0;
+	*live = *issued = 0;
+	for (uint32_t s = 0; s < N_PLANS && *issued < n && !ret; s++) {
+		uint32_t c = n - *issued < size ? n - *issued : size;
+		v->plans[s].base = s * size;
+		ret = plan_queue(v, &v->plans[s], s, NULL, first + *issued, c, flags);
+		*issued += c;
+		(*live)++;
+	}
+	return ret ? ret : submit_queued(v);
+}
+
+/* After two adjacent large reads, start reading the next range of the same size (its
+ * ciphertext, into staging), so its transfer overlaps the caller's turnaround and the
+ * next call finds it landed. Only while nothing is written back (no dirty or in-flight
+ * write slot, no partial block): then nothing can change what the plans chose until a
+ * call that drops the readahead first. A failure here is not this call's: the range is
+ * read again, and any error found then, by the call that asks for it. */
+static void ra_start(struct dvs_shield_volume *v, uint64_t first, uint32_t n)
+{
+	if (first > v->capacity || n > v->capacity - first || n > v->read_slots ||
+	    v->n_wdirty || v->n_winflight || v->part_dirty || v->failed || !v->eng)
+		return;
+	struct dvs_shield_status saved = v->st;
+	int ret = ensure_leaves(v, NULL, first, n);
+	uint32_t live = 0, issued = 0;
+	if (!ret)
+		ret = queue_stages(v, first, n, &live, &issued);
+	if (ret) {
+		v->ra_n = n; /* let whatever was queued land */
+		ra_drop(v);
+		v->st.fail_code = saved.fail_code;
+		v->st.fail_kind = saved.fail_kind;
+		v->st.fail_level = saved.fail_level;
+		v->st.fail_index = saved.fail_index;
+		return;
+	}
+	v->ra_first = first;
+	v->ra_n = n;
+	v->ra_live = live;
+	v->ra_issued = issued;
+}
+
 static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
 {
 	uint32_t size = v->read_slots / N_PLANS;
 	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
-	/* tree nodes load through the staging area too: load them all before the pipeline
-	 * starts, so no node read lands in a stage that holds data in flight */
-	int ret = ensure_leaves(v, NULL, first, n);
+	int ret = 0, sequential = v->seq_next == first;
 	uint32_t issued = 0, live = 0, head = 0;
-	for (uint32_t s = 0; s < N_PLANS && issued < n && !ret; s++) {
-		uint32_t c = n - issued < size ? n - issued : size;
-		v->plans[s].base = s * size;
-		ret = plan_read(v, &v->plans[s], s, NULL, first + issued, c,
-				out + (uint64_t)issued * BLK, flags);
-		issued += c;
-		live++;
+	if (v->ra_n && v->ra_first == first && v->ra_n == n) {
+		/* the readahead queued exactly these stages */
+		v->ra_n = 0;
+		live = v->ra_live;
+		issued = v->ra_issued;
+	} else {
+		ra_drop(v);
+		/* tree nodes load through the staging area too: load them all before the
+		 * pipeline starts, so no node read lands in a stage that holds data in flight */
+		ret = ensure_leaves(v, NULL, first, n);
+		if (!ret)
+			ret = queue_stages(v, first, n, &live, &issued);
 	}
-	if (!ret)
-		ret = submit_queued(v);
+	for (uint32_t s = 0; s < live && !ret; s++)
+		ret = plan_serve(v, &v->plans[s], out + (uint64_t)s * size * BLK);
 	while (!ret && live) {
 		struct read_plan *p = &v->plans[head];
 		ret = plan_wait(v, p);
@@ -1799,8 +1897,11 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 			while (v->plans[s].pending)
 				if (pump(v, 1) < 0)
 					return ret;
+		return ret;
 	}
-	return ret;
+	if (sequential && !(v->flags & DVS_VOL_NO_READAHEAD))
+		ra_start(v, first + n, n);
+	return 0;
 }
 
 static int part_seal(struct dvs_shield_volume *v);
@@ -1814,12 +1915,14 @@ static int read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n, 
 	if (n > v->read_slots / N_PLANS && v->read_slots >= 4 * N_PLANS) {
 		ret = read_pipelined(v, first, n, out);
 	} else {
+		ra_drop(v);
 		for (uint32_t done = 0; done < n && !ret;) {
 			uint32_t chunk = n - done < v->read_slots ? n - done : v->read_slots;
 			ret = read_chunk(v, NULL, first + done, chunk, out + (uint64_t)done * BLK);
 			done += chunk;
 		}
 	}
+	v->seq_next = ret ? UINT64_MAX : first + n;
 	if (ret) {
 		/* all or nothing: no partial plaintext from a failing call */
 		dvs_wipe(out, (uint64_t)n * BLK);
@@ -1837,6 +1940,7 @@ int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t
 int dvs_shield_read_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
 			 uint8_t *out)
 {
+	ra_drop(v);
 	int ret = part_seal(v);
 	if (ret)
 		return ret;
@@ -1960,6 +2064,7 @@ static int write_range(struct dvs_shield_volume *v, uint64_t first, uint64_t n, 
 int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
 			  const uint8_t *in, uint32_t flags)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return -EROFS;
 	if (v->failed)
@@ -1997,6 +2102,7 @@ int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, u
 int dvs_shield_write_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n,
 			    const uint8_t *in, uint32_t flags)
 {
+	ra_drop(v);
 	int ret = part_seal(v);
 	if (!ret && v->part_valid && v->part_block >= first && v->part_block - first < n)
 		part_forget(v);
@@ -2058,6 +2164,7 @@ static int part_load(struct dvs_shield_volume *v, uint64_t b)
 
 int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len, uint64_t off)
 {
+	ra_drop(v);
 	if (off >= v->size || !len)
 		return 0;
 	if (len > v->size - off)
@@ -2098,6 +2205,7 @@ int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len
 int64_t dvs_shield_pwrite(struct dvs_shield_volume *v, const uint8_t *buf, uint64_t len,
 			  uint64_t off)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return -EROFS;
 	if (v->failed)
@@ -2141,6 +2249,7 @@ int64_t dvs_shield_pwrite(struct dvs_shield_volume *v, const uint8_t *buf, uint6
 
 int dvs_shield_truncate(struct dvs_shield_volume *v, uint64_t size)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return -EROFS;
 	if (v->failed)
@@ -2199,6 +2308,7 @@ int dvs_shield_truncate(struct dvs_shield_volume *v, uint64_t size)
 
 int dvs_shield_flush(struct dvs_shield_volume *v)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return 0;
 	if (v->failed)
@@ -2300,6 +2410,7 @@ fail:
 
 int64_t dvs_shield_verify(struct dvs_shield_volume *v, uint64_t first, uint64_t n)
 {
+	ra_drop(v);
 	if (first > v->capacity)
 		return -EINVAL;
 	if (n > v->capacity - first)
@@ -2361,6 +2472,7 @@ static int walk_live(struct dvs_shield_volume *v, uint32_t l, uint64_t j, const 
 
 int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint64_t max)
 {
+	ra_drop(v);
 	if (v->tree_dirty || v->n_wdirty || v->n_winflight || v->part_dirty)
 		return -EBUSY;
 	uint64_t n = 0;
@@ -2372,6 +2484,7 @@ int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint6
 
 int dvs_shield_locate(struct dvs_shield_volume *v, uint64_t block, uint64_t *phys)
 {
+	ra_drop(v);
 	if (block >= v->capacity)
 		return -EINVAL;
 	int ret = part_seal(v);
@@ -2414,6 +2527,7 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 	if (discard == DVS_CLOSE_ENGINE_GONE)
 		v->eng = NULL;
 	int ret = 0;
+	ra_drop(v);
 	if (!discard && !(v->flags & DVS_VOL_READONLY) && v->ready)
 		ret = dvs_shield_flush(v);
 	if (v->eng && v->done) {

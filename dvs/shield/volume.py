@@ -42,9 +42,10 @@ from typing import Any
 from dvs.lowlevel.shield import (
     BLOCK,
     VOL_DIRECT,
-    VOL_ONE_CORE,
     VOL_EPHEMERAL,
     VOL_LAZY_FORMAT,
+    VOL_NO_READAHEAD,
+    VOL_ONE_CORE,
     VOL_READONLY,
     VOL_STRICT,
     Anchor,
@@ -114,7 +115,9 @@ class Volume:
     """A sealed volume, opened on a file (``create``/``open``) or on an engine you hold
     (``create_on``/``open_on``, e.g. the fault-injecting memory disk). ``crypto_threads``:
     2 (default) shares AES-GCM of requests of 32 blocks or more with a helper thread, 1
-    keeps it on the calling thread."""
+    keeps it on the calling thread. ``readahead``: after two adjacent large reads, the
+    next range of the same size is read (as ciphertext, into staging) while the caller
+    works; it is opened only when asked for."""
 
     def __init__(
         self,
@@ -158,6 +161,7 @@ class Volume:
         entries: int = 64,
         sqpoll: bool = False,
         crypto_threads: int = 2,
+        readahead: bool = True,
     ) -> Volume:
         """Create (or overwrite) ``path`` as an empty volume of ``capacity`` bytes
         (rounded up to 4 KiB; the file is sparse, up to about twice that when full)."""
@@ -175,6 +179,7 @@ class Volume:
             entries=entries,
             sqpoll=sqpoll,
             crypto_threads=crypto_threads,
+            readahead=readahead,
         )
 
     @classmethod
@@ -195,6 +200,7 @@ class Volume:
         entries: int = 64,
         sqpoll: bool = False,
         crypto_threads: int = 2,
+        readahead: bool = True,
     ) -> Volume:
         """Open an existing volume. ``anchor``/``anchor_file``: refuse older states."""
         k = make_key(key, passphrase)
@@ -213,6 +219,7 @@ class Volume:
             entries=entries,
             sqpoll=sqpoll,
             crypto_threads=crypto_threads,
+            readahead=readahead,
         )
 
     @classmethod
@@ -233,6 +240,7 @@ class Volume:
         entries: int,
         sqpoll: bool,
         crypto_threads: int = 2,
+        readahead: bool = True,
     ) -> Volume:
         if crypto_threads not in (1, 2):
             raise ValueError("crypto_threads is 1 (the calling thread) or 2 (plus a helper)")
@@ -268,6 +276,7 @@ class Volume:
                 | (VOL_STRICT if strict else 0)
                 | (VOL_DIRECT if direct else 0)
                 | (VOL_ONE_CORE if crypto_threads == 1 else 0)
+                | (0 if readahead else VOL_NO_READAHEAD)
             )
             if create_blocks:
                 handle, status = VolumeHandle.format(
