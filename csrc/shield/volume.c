@@ -1799,7 +1799,7 @@ static void ra_drop(struct dvs_shield_volume *v)
 		return;
 	v->ra_n = 0;
 	for (uint32_t s = 0; s < N_PLANS && v->eng; s++)
-		while (v->plans[s].pending)
+		while (v->plans[s].pending && v->outstanding)
 			if (pump(v, 1) < 0)
 				return;
 }
@@ -1822,45 +1822,43 @@ static int queue_stages(struct dvs_shield_volume *v, uint64_t first, uint32_t n,
 	return ret ? ret : submit_queued(v);
 }
 
-/* After two adjacent large reads, start reading the next range of the same size (its
- * ciphertext, into staging), so its transfer overlaps the caller's turnaround and the
- * next call finds it landed. Only while nothing is written back (no dirty or in-flight
- * write slot, no partial block): then nothing can change what the plans chose until a
- * call that drops the readahead first. A failure here is not this call's: the range is
- * read again, and any error found then, by the call that asks for it. */
-static void ra_start(struct dvs_shield_volume *v, uint64_t first, uint32_t n)
+/* Sequential readahead: after two adjacent large reads, each stage that the current call
+ * has decrypted is refilled at once with its part of the next range of the same size (its
+ * ciphertext only), so that range's transfers overlap this call's AES-GCM and the
+ * caller's turnaround, and the next call finds them landed. Allowed only while nothing is
+ * written back (no dirty or in-flight write slot, no partial block): then nothing can
+ * change what the plans chose until a call that drops the readahead first. */
+static int ra_allowed(const struct dvs_shield_volume *v, uint64_t first, uint32_t n)
 {
-	if (first > v->capacity || n > v->capacity - first || n > v->read_slots ||
-	    v->n_wdirty || v->n_winflight || v->part_dirty || v->failed || !v->eng)
-		return;
+	return !(v->flags & DVS_VOL_NO_READAHEAD) && first <= v->capacity &&
+	       n <= v->capacity - first && n <= v->read_slots && !v->n_wdirty &&
+	       !v->n_winflight && !v->part_dirty && !v->failed && v->eng;
+}
+
+/* Load the leaves of the read-ahead range (through staging slots from 0: called when stage
+ * 0 was just decrypted, and a range of at most read_slots blocks needs fewer nodes than a
+ * stage has slots). A failure is not this call's: the range is read again, and any error
+ * reported then, by the call that asks for it. */
+static int ra_leaves(struct dvs_shield_volume *v, uint64_t first, uint32_t n)
+{
 	struct dvs_shield_status saved = v->st;
-	int ret = ensure_leaves(v, NULL, first, n);
-	uint32_t live = 0, issued = 0;
-	if (!ret)
-		ret = queue_stages(v, first, n, &live, &issued);
-	if (ret) {
-		v->ra_n = n; /* let whatever was queued land */
-		ra_drop(v);
-		v->st.fail_code = saved.fail_code;
-		v->st.fail_kind = saved.fail_kind;
-		v->st.fail_level = saved.fail_level;
-		v->st.fail_index = saved.fail_index;
-		return;
-	}
-	v->ra_first = first;
-	v->ra_n = n;
-	v->ra_live = live;
-	v->ra_issued = issued;
+	if (!ensure_leaves(v, NULL, first, n))
+		return 1;
+	v->st.fail_code = saved.fail_code;
+	v->st.fail_kind = saved.fail_kind;
+	v->st.fail_level = saved.fail_level;
+	v->st.fail_index = saved.fail_index;
+	return 0;
 }
 
 static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
 {
 	uint32_t size = v->read_slots / N_PLANS;
 	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
-	int ret = 0, sequential = v->seq_next == first;
-	uint32_t issued = 0, live = 0, head = 0;
+	int ret = 0, ahead = v->seq_next == first && ra_allowed(v, first + n, n);
+	uint32_t issued = 0, live = 0, head = 0, ra_live = 0, ra_issued = 0;
 	if (v->ra_n && v->ra_first == first && v->ra_n == n) {
-		/* the readahead queued exactly these stages */
+		/* the readahead queued these stages (or the first ones of them) */
 		v->ra_n = 0;
 		live = v->ra_live;
 		issued = v->ra_issued;
@@ -1888,19 +1886,36 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 			live++;
 			if (!ret)
 				ret = submit_queued(v);
+		} else if (!ret && ahead && ra_issued < n && head == ra_live) {
+			/* stage k of the next range goes to stage k, as queue_stages lays it out */
+			if (!ra_live)
+				ahead = ra_leaves(v, first + n, n);
+			if (ahead) {
+				uint32_t c = n - ra_issued < size ? n - ra_issued : size;
+				ret = plan_queue(v, p, head, NULL, first + n + ra_issued, c, flags);
+				if (!ret)
+					ret = submit_queued(v);
+				ra_issued += c;
+				ra_live++;
+			}
 		}
 		head = (head + 1) % N_PLANS;
 	}
 	if (ret) {
 		/* let the other stages' transfers land before the staging area is reused */
+		v->n_ios = 0;
 		for (uint32_t s = 0; s < N_PLANS; s++)
-			while (v->plans[s].pending)
+			while (v->plans[s].pending && v->outstanding)
 				if (pump(v, 1) < 0)
 					return ret;
 		return ret;
 	}
-	if (sequential && !(v->flags & DVS_VOL_NO_READAHEAD))
-		ra_start(v, first + n, n);
+	if (ra_live) {
+		v->ra_first = first + n;
+		v->ra_n = n;
+		v->ra_live = ra_live;
+		v->ra_issued = ra_issued;
+	}
 	return 0;
 }
 
