@@ -102,6 +102,8 @@ int dvs_pool_start(struct dvs_crypto_pool **out, const struct dvs_gcm *g)
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	ret = -pthread_create(&p->thread, NULL, helper, p);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (!ret)
+		pthread_setname_np(p->thread, "dvs-gcm");
 	if (ret) {
 		dvs_gcm_free(&p->gcm);
 		pthread_mutex_destroy(&p->lock);

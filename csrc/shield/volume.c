@@ -357,7 +357,7 @@ static struct dvs_crypto_pool *crypto_pool(struct dvs_shield_volume *v)
 {
 	if (!v->pool_tried) {
 		v->pool_tried = 1;
-		if (!(v->flags & DVS_VOL_ONE_CORE) && sysconf(_SC_NPROCESSORS_ONLN) > 1) {
+		if ((v->flags & DVS_VOL_CRYPTO_HELPER) && sysconf(_SC_NPROCESSORS_ONLN) > 1) {
 			v->seals = calloc(v->write_slots, sizeof(*v->seals));
 			if (!v->seals || dvs_pool_start(&v->pool, &v->gcm)) {
 				free(v->seals);
