@@ -1891,10 +1891,10 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 			if (!ra_live)
 				ahead = ra_leaves(v, first + n, n);
 			if (ahead) {
+				/* queued only: the next stage's wait carries it in the same
+				 * io_uring_enter (the last one is submitted below) */
 				uint32_t c = n - ra_issued < size ? n - ra_issued : size;
 				ret = plan_queue(v, p, head, NULL, first + n + ra_issued, c, flags);
-				if (!ret)
-					ret = submit_queued(v);
 				ra_issued += c;
 				ra_live++;
 			}
@@ -1909,6 +1909,11 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 				if (pump(v, 1) < 0)
 					return ret;
 		return ret;
+	}
+	if (ra_live && (ret = submit_queued(v))) {
+		v->ra_n = n;
+		ra_drop(v);
+		return 0; /* this call's data is complete; the readahead is not its business */
 	}
 	if (ra_live) {
 		v->ra_first = first + n;
