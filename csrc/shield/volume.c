@@ -1856,6 +1856,13 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 	uint32_t size = v->read_slots / N_PLANS;
 	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
 	int ret = 0, ahead = v->seq_next == first && ra_allowed(v, first + n, n);
+	/* O_DIRECT: a stage's part of the next range is queued as soon as the stage is
+	 * decrypted: the device then serves them in order and stage 0 lands first (queued
+	 * together, the virtual disk here finishes all four at once, and nothing overlaps;
+	 * measured: 1.36x wall-clock, +2.3 io_uring_enter per MiB). Buffered: the kernel
+	 * worker copies from the page cache far faster than AES-GCM, so all stages are queued
+	 * together after the last one (no extra syscall; the turnaround overlaps). */
+	int per_stage = (v->flags & DVS_VOL_DIRECT) != 0;
 	uint32_t issued = 0, live = 0, head = 0, ra_live = 0, ra_issued = 0;
 	if (v->ra_n && v->ra_first == first && v->ra_n == n) {
 		/* the readahead queued these stages (or the first ones of them) */
@@ -1886,17 +1893,21 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 			live++;
 			if (!ret)
 				ret = submit_queued(v);
-		} else if (!ret && ahead && ra_issued < n && head == ra_live) {
+		} else if (!ret && ahead && ra_issued < n &&
+			   (per_stage ? head == ra_live : live == 0)) {
 			/* stage k of the next range goes to stage k, as queue_stages lays it out */
 			if (!ra_live)
 				ahead = ra_leaves(v, first + n, n);
-			if (ahead) {
+			while (ahead && ra_issued < n && !ret) {
 				/* queued only: the next stage's wait carries it in the same
 				 * io_uring_enter (the last one is submitted below) */
 				uint32_t c = n - ra_issued < size ? n - ra_issued : size;
-				ret = plan_queue(v, p, head, NULL, first + n + ra_issued, c, flags);
+				ret = plan_queue(v, &v->plans[ra_live], ra_live, NULL,
+						 first + n + ra_issued, c, flags);
 				ra_issued += c;
 				ra_live++;
+				if (per_stage)
+					break;
 			}
 		}
 		head = (head + 1) % N_PLANS;

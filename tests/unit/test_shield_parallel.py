@@ -172,3 +172,33 @@ def test_file_volume_same_bytes_with_and_without_the_speed_paths(tmp_path, direc
             assert helpers == (1 if threads == 2 and (os.cpu_count() or 1) > 1 else 0)
         got[threads] = bytes(out)
     assert got[1] == got[2] == data
+
+
+def test_tampered_file_block_read_ahead_per_stage_is_detected(tmp_path) -> None:
+    """O_DIRECT volumes queue the readahead stage by stage, inside the current call."""
+    path = tmp_path / "v"
+    slots = {"read_slots": 256, "write_slots": 1024}
+    with Volume.create(path, 8 * RUN * BLOCK, key=bytes(32), direct=True, **slots) as vol:
+        for first in range(0, 4 * RUN, RUN):
+            vol.write_blocks(first, _data(RUN, first))
+        victim = 2 * RUN + 200
+        vol.flush()
+        page = vol.locate(victim)
+    assert page is not None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\xff", page * BLOCK + 99)
+    finally:
+        os.close(fd)
+    out = bytearray(RUN * BLOCK)
+    with Volume.open(path, key=bytes(32), direct=True, **slots) as vol:
+        vol.read_blocks_into(0, RUN, out)
+        vol.read_blocks_into(RUN, RUN, out)
+        stats = vol.io_stats()  # read ahead: landed or in flight
+        assert stats.bytes_read >= 3 * RUN * BLOCK or stats.in_flight > 0
+        with pytest.raises(IntegrityError) as err:
+            vol.read_blocks_into(2 * RUN, RUN, out)
+        assert err.value.block == victim
+        assert not any(out)
+        vol.read_blocks_into(3 * RUN, RUN, out)
+        assert out == _data(RUN, 3 * RUN)
