@@ -1804,9 +1804,11 @@ static void ra_drop(struct dvs_shield_volume *v)
 				return;
 }
 
-/* Queue the stages of [first, first+n) as read_pipelined would, with no destination yet. */
+/* Queue the stages of [first, first+n) and serve what needs no disk read into out, stage
+ * by stage before anything is submitted: a completing write-back (reaped while
+ * submitting) takes a block out of its write slot, and the plan chose to open it there. */
 static int queue_stages(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint32_t *live,
-			uint32_t *issued)
+			uint32_t *issued, uint8_t *out)
 {
 	uint32_t size = v->read_slots / N_PLANS;
 	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
@@ -1816,6 +1818,8 @@ static int queue_stages(struct dvs_shield_volume *v, uint64_t first, uint32_t n,
 		uint32_t c = n - *issued < size ? n - *issued : size;
 		v->plans[s].base = s * size;
 		ret = plan_queue(v, &v->plans[s], s, NULL, first + *issued, c, flags);
+		if (!ret)
+			ret = plan_serve(v, &v->plans[s], out + (uint64_t)*issued * BLK);
 		*issued += c;
 		(*live)++;
 	}
@@ -1865,20 +1869,22 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 	int per_stage = (v->flags & DVS_VOL_DIRECT) != 0;
 	uint32_t issued = 0, live = 0, head = 0, ra_live = 0, ra_issued = 0;
 	if (v->ra_n && v->ra_first == first && v->ra_n == n) {
-		/* the readahead queued these stages (or the first ones of them) */
+		/* the readahead queued these stages (or the first ones of them); nothing was
+		 * written since (ra_allowed), so what they serve without a disk read is still
+		 * what it was: zeros */
 		v->ra_n = 0;
 		live = v->ra_live;
 		issued = v->ra_issued;
+		for (uint32_t s = 0; s < live && !ret; s++)
+			ret = plan_serve(v, &v->plans[s], out + (uint64_t)s * size * BLK);
 	} else {
 		ra_drop(v);
 		/* tree nodes load through the staging area too: load them all before the
 		 * pipeline starts, so no node read lands in a stage that holds data in flight */
 		ret = ensure_leaves(v, NULL, first, n);
 		if (!ret)
-			ret = queue_stages(v, first, n, &live, &issued);
+			ret = queue_stages(v, first, n, &live, &issued, out);
 	}
-	for (uint32_t s = 0; s < live && !ret; s++)
-		ret = plan_serve(v, &v->plans[s], out + (uint64_t)s * size * BLK);
 	while (!ret && live) {
 		struct read_plan *p = &v->plans[head];
 		ret = plan_wait(v, p);
