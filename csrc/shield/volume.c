@@ -15,6 +15,10 @@
  * write_slots]. Ciphertext is written by sealing straight into a write slot and read by
  * opening straight out of a staging slot: one pass of AES-GCM is the only copy.
  * Reads of more than a quarter of the staging area run as a four-stage pipeline (read_pipelined).
+ * After two adjacent such reads, freed stages take the next range's ciphertext (readahead);
+ * it is opened only by the call that asks for it, and dropped (after its transfers land)
+ * by any other call. With DVS_VOL_CRYPTO_HELPER, AES-GCM of 32 blocks or more is shared
+ * with a helper thread (pool.h); every block is checked before the call returns.
  * Write slots are the write-back queue: a block waits there (DIRTY) until enough gathered,
  * a flush, or DVS_WRITE_SUBMIT; then it is written (INFLIGHT) and its slot freed when the
  * write completes. A read of a block that sits in a write slot opens it from there.
