@@ -46,6 +46,19 @@ int dvs_gcm_init(struct dvs_gcm *g, const uint8_t key[32])
 	return 0;
 }
 
+int dvs_gcm_clone(struct dvs_gcm *dst, const struct dvs_gcm *src)
+{
+	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	if (!ctx)
+		return -ENOMEM;
+	if (EVP_CIPHER_CTX_copy(ctx, src->ctx) != 1) {
+		EVP_CIPHER_CTX_free(ctx);
+		return -EINVAL;
+	}
+	dst->ctx = ctx;
+	return 0;
+}
+
 void dvs_gcm_free(struct dvs_gcm *g)
 {
 	if (g->ctx)

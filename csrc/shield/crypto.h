@@ -24,6 +24,8 @@ struct dvs_gcm {
 };
 
 int dvs_gcm_init(struct dvs_gcm *g, const uint8_t key[32]);
+/* A second context with the same key, for another thread (a context is not shared). */
+int dvs_gcm_clone(struct dvs_gcm *dst, const struct dvs_gcm *src);
 void dvs_gcm_free(struct dvs_gcm *g);
 /* Encrypt len bytes in -> out (may alias), tag out. */
 int dvs_gcm_seal(struct dvs_gcm *g, const uint8_t nonce[12], const uint8_t *aad, size_t aad_len,

@@ -92,6 +92,8 @@ struct dvs_shield_anchor {
 #define DVS_VOL_LAZY_FORMAT 8 /* format without syncing (durable at the first flush) */
 #define DVS_VOL_FAST_CLOSE 16 /* close without copying the last state into the other slot */
 #define DVS_VOL_DIRECT 32     /* the file is O_DIRECT: reads need no worker for a copy */
+#define DVS_VOL_CRYPTO_HELPER 64 /* share AES-GCM of large requests with a helper thread */
+#define DVS_VOL_NO_READAHEAD 128 /* no sequential readahead of large reads */
 
 struct dvs_shield_config {
 	uint64_t capacity_blocks; /* format only */

@@ -15,6 +15,10 @@
  * write_slots]. Ciphertext is written by sealing straight into a write slot and read by
  * opening straight out of a staging slot: one pass of AES-GCM is the only copy.
  * Reads of more than a quarter of the staging area run as a four-stage pipeline (read_pipelined).
+ * After two adjacent such reads, freed stages take the next range's ciphertext (readahead);
+ * it is opened only by the call that asks for it, and dropped (after its transfers land)
+ * by any other call. With DVS_VOL_CRYPTO_HELPER, AES-GCM of 32 blocks or more is shared
+ * with a helper thread (pool.h); every block is checked before the call returns.
  * Write slots are the write-back queue: a block waits there (DIRTY) until enough gathered,
  * a flush, or DVS_WRITE_SUBMIT; then it is written (INFLIGHT) and its slot freed when the
  * write completes. A read of a block that sits in a write slot opens it from there.
@@ -25,8 +29,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "shield/crypto.h"
+#include "shield/pool.h"
 #include "shield/shield.h"
 #include "uring/u64map.h"
 
@@ -39,6 +45,7 @@
 #define MAX_RUN 64                /* blocks per coalesced request */
 #define MAX_CHAIN 32              /* write runs a flush links into its commit chain */
 #define N_PLANS 4                 /* stages of a pipelined read (a power of two) */
+#define PAR_MIN 32                /* blocks from which AES-GCM is shared with a second core */
 #define SLOT_NONE 2
 #define META_BLOCK UINT64_MAX
 #define MAGIC "DVSSHLD1"
@@ -128,6 +135,8 @@ struct read_plan {
 	uint32_t n_req;    /* disk requests */
 	uint32_t pending;  /* requests not completed yet */
 	uint32_t *stage_of; /* staged slot -> index in the caller's block list */
+	uint32_t *served;   /* blocks served without a disk read (see plan_serve) */
+	uint32_t n_served;
 	uint32_t *req_first; /* request -> its first staged slot */
 	int32_t *res;
 	const uint64_t *list;
@@ -144,7 +153,8 @@ static int plan_init(struct read_plan *p, uint32_t base, uint32_t cap)
 	p->stage_of = calloc(cap, sizeof(uint32_t));
 	p->req_first = calloc(cap, sizeof(uint32_t));
 	p->res = calloc(cap, sizeof(int32_t));
-	return p->stage_of && p->req_first && p->res ? 0 : -ENOMEM;
+	p->served = calloc(cap, sizeof(uint32_t));
+	return p->stage_of && p->req_first && p->res && p->served ? 0 : -ENOMEM;
 }
 
 static void plan_free(struct read_plan *p)
@@ -152,6 +162,7 @@ static void plan_free(struct read_plan *p)
 	free(p->stage_of);
 	free(p->req_first);
 	free(p->res);
+	free(p->served);
 }
 
 enum { W_FREE = 0, W_DIRTY, W_INFLIGHT };
@@ -209,7 +220,24 @@ struct dvs_shield_volume {
 	uint64_t part_block; /* which block scratch holds, when part_valid */
 	uint8_t part_valid;  /* scratch holds the current plaintext of part_block */
 	uint8_t part_dirty;  /* ... with bytes written that are not sealed yet */
+	/* a second core for AES-GCM on requests of PAR_MIN blocks or more (pool.h) */
+	struct dvs_crypto_pool *pool;
+	int pool_tried;
+	struct seal_item *seals; /* write_slots: blocks assigned but not sealed yet */
+	uint32_t n_seals;
+	/* sequential readahead (read_pipelined): the ciphertext of the next range in flight */
+	uint64_t seq_next;   /* where the last read_blocks ended */
+	uint64_t ra_first;
+	uint32_t ra_n;       /* 0: none */
+	uint32_t ra_live, ra_issued;
 	struct dvs_shield_status st;
+};
+
+struct seal_item {
+	const uint8_t *in;
+	uint8_t *out;
+	struct entry *e; /* counter, salt and slot set; the tag is written by the seal */
+	uint64_t block;
 };
 
 /* ---- small helpers ---- */
@@ -304,6 +332,45 @@ static void make_aad(const struct dvs_shield_volume *v, struct aad *a, uint32_t 
 	a->level = level;
 	a->index = index;
 	a->counter = counter;
+}
+
+/* Seal/open one data block with context g, touching nothing of the volume but reading
+ * its id: safe on the pool's helper thread. */
+static int seal_data_with(const struct dvs_shield_volume *v, struct dvs_gcm *g, uint64_t index,
+			  struct entry *e, const uint8_t *in, uint8_t *out)
+{
+	uint8_t nonce[12];
+	struct aad a;
+	make_nonce(nonce, e->counter, e->salt);
+	make_aad(v, &a, KIND_DATA, 0, index, e->counter);
+	return dvs_gcm_seal(g, nonce, (const uint8_t *)&a, sizeof(a), in, out, BLK, e->tag);
+}
+
+static int open_data_with(const struct dvs_shield_volume *v, struct dvs_gcm *g, uint64_t index,
+			  const struct entry *e, const uint8_t *in, uint8_t *out)
+{
+	uint8_t nonce[12];
+	struct aad a;
+	make_nonce(nonce, e->counter, e->salt);
+	make_aad(v, &a, KIND_DATA, 0, index, e->counter);
+	return dvs_gcm_open(g, nonce, (const uint8_t *)&a, sizeof(a), in, out, BLK, e->tag);
+}
+
+/* The pool, started at the first request large enough to share (NULL: one core). */
+static struct dvs_crypto_pool *crypto_pool(struct dvs_shield_volume *v)
+{
+	if (!v->pool_tried) {
+		v->pool_tried = 1;
+		if ((v->flags & DVS_VOL_CRYPTO_HELPER) && sysconf(_SC_NPROCESSORS_ONLN) > 1) {
+			v->seals = calloc(v->write_slots, sizeof(*v->seals));
+			if (!v->seals || dvs_pool_start(&v->pool, &v->gcm)) {
+				free(v->seals);
+				v->seals = NULL;
+				v->pool = NULL;
+			}
+		}
+	}
+	return v->pool;
 }
 
 static int seal_block(struct dvs_shield_volume *v, uint32_t kind, uint32_t level, uint64_t index,
@@ -1566,33 +1633,24 @@ int dvs_shield_open(struct dvs_engine *e, const struct dvs_shield_key *key,
 
 #define BLOCK_AT(list, first, j) ((list) ? (list)[j] : (first) + (j))
 
-/* Blocks that need no disk read are served at once (never written: zeros; waiting in a
- * write slot: opened from there); the rest are queued as coalesced reads into staging. */
-static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t id,
-		     const uint64_t *list, uint64_t first, uint32_t n, uint8_t *out, uint8_t flags)
+/* Blocks that need no disk read are noted for plan_serve (never written: zeros; waiting
+ * in a write slot: opened from there); the rest are queued as coalesced reads into
+ * staging. The leaves must be loaded (ensure_leaves) before: node loads use staging. */
+static int plan_queue(struct dvs_shield_volume *v, struct read_plan *p, uint32_t id,
+		      const uint64_t *list, uint64_t first, uint32_t n, uint8_t flags)
 {
-	int ret = ensure_leaves(v, list, first, n);
-	if (ret)
-		return ret;
-	p->staged = p->n_req = p->pending = 0;
+	int ret;
+	p->staged = p->n_req = p->pending = p->n_served = 0;
 	p->list = list;
 	p->first = first;
 	p->n = n;
-	p->out = out;
+	p->out = NULL;
 	struct dvs_io *last = NULL;
 	for (uint32_t j = 0; j < n; j++) {
 		uint64_t b = BLOCK_AT(list, first, j);
 		struct entry *e = data_entry(v, b, NULL);
-		if (!e->counter) {
-			memset(out + (uint64_t)j * BLK, 0, BLK);
-			continue;
-		}
-		void *ws = u64map_get(&v->dirty_blocks, b);
-		if (ws) {
-			ret = open_block(v, KIND_DATA, 0, b, e, wslot(v, (uint32_t)((uintptr_t)ws - 1)),
-					 out + (uint64_t)j * BLK);
-			if (ret)
-				return ret;
+		if (!e->counter || u64map_get(&v->dirty_blocks, b)) {
+			p->served[p->n_served++] = j;
 			continue;
 		}
 		uint64_t phys = data_phys(v, b, e->flags & 1);
@@ -1616,6 +1674,38 @@ static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t 
 	return 0;
 }
 
+/* Serve the plan's blocks that need no disk read into out (the caller's buffer). */
+static int plan_serve(struct dvs_shield_volume *v, struct read_plan *p, uint8_t *out)
+{
+	p->out = out;
+	for (uint32_t i = 0; i < p->n_served; i++) {
+		uint32_t j = p->served[i];
+		uint64_t b = BLOCK_AT(p->list, p->first, j);
+		struct entry *e = data_entry(v, b, NULL);
+		void *ws = e->counter ? u64map_get(&v->dirty_blocks, b) : NULL;
+		if (!ws) {
+			memset(out + (uint64_t)j * BLK, 0, BLK);
+			continue;
+		}
+		int ret = open_block(v, KIND_DATA, 0, b, e, wslot(v, (uint32_t)((uintptr_t)ws - 1)),
+				     out + (uint64_t)j * BLK);
+		if (ret)
+			return ret;
+	}
+	return 0;
+}
+
+static int plan_read(struct dvs_shield_volume *v, struct read_plan *p, uint32_t id,
+		     const uint64_t *list, uint64_t first, uint32_t n, uint8_t *out, uint8_t flags)
+{
+	int ret = ensure_leaves(v, list, first, n);
+	if (!ret)
+		ret = plan_queue(v, p, id, list, first, n, flags);
+	if (!ret)
+		ret = plan_serve(v, p, out);
+	return ret;
+}
+
 static int plan_wait(struct dvs_shield_volume *v, struct read_plan *p)
 {
 	int ret = submit_and_wait(v, p->pending);
@@ -1627,8 +1717,26 @@ static int plan_wait(struct dvs_shield_volume *v, struct read_plan *p)
 	return ret;
 }
 
+struct open_job {
+	struct dvs_shield_volume *v;
+	struct read_plan *p;
+};
+
+/* Staged block u of a plan (read-only lookups: the tree does not change during a job). */
+static int open_item(void *arg, struct dvs_gcm *g, uint32_t u)
+{
+	struct open_job *job = arg;
+	struct read_plan *p = job->p;
+	uint32_t j = p->stage_of[u];
+	uint64_t b = BLOCK_AT(p->list, p->first, j);
+	return open_data_with(job->v, g, b, data_entry(job->v, b, NULL),
+			      stage(job->v, p->base + u), p->out + (uint64_t)j * BLK);
+}
+
 /* Check every request came back whole, then authenticate and decrypt into the caller's
- * buffer, straight out of staging. */
+ * buffer, straight out of staging (sharing the work with the pool's helper for a large
+ * plan); every block is checked before the call returns, and a failure wipes the whole
+ * output in read_blocks. */
 static int plan_finish(struct dvs_shield_volume *v, struct read_plan *p)
 {
 	for (uint32_t k = 0; k < p->n_req; k++) {
@@ -1645,6 +1753,16 @@ static int plan_finish(struct dvs_shield_volume *v, struct read_plan *p)
 		}
 	}
 	v->st.blocks_read += p->staged;
+	struct dvs_crypto_pool *pool = p->staged >= PAR_MIN ? crypto_pool(v) : NULL;
+	if (pool) {
+		struct open_job job = { v, p };
+		uint32_t bad = 0;
+		int ret = dvs_pool_run(pool, &v->gcm, open_item, &job, p->staged, &bad);
+		v->st.blocks_opened += p->staged;
+		if (ret == -EBADMSG)
+			set_fail(v, ret, DVS_FAIL_DATA, 0, BLOCK_AT(p->list, p->first, p->stage_of[bad]));
+		return ret;
+	}
 	for (uint32_t u = 0; u < p->staged; u++) {
 		uint32_t j = p->stage_of[u];
 		uint64_t b = BLOCK_AT(p->list, p->first, j);
@@ -1676,24 +1794,101 @@ static int read_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_
  * stage is refilled with the next chunk as soon as it is decrypted. On a buffered file the
  * transfers go to a kernel worker (IOSQE_ASYNC), so the page-cache copy runs on another
  * CPU than AES-GCM; on an O_DIRECT file the device does the transfer and needs no worker. */
+/* Let the readahead's transfers land and forget it: before anything that uses staging or
+ * changes what the volume holds. Its staging holds ciphertext only; nothing of it was
+ * opened. */
+static void ra_drop(struct dvs_shield_volume *v)
+{
+	if (!v->ra_n)
+		return;
+	v->ra_n = 0;
+	for (uint32_t s = 0; s < N_PLANS && v->eng; s++)
+		while (v->plans[s].pending && v->outstanding)
+			if (pump(v, 1) < 0)
+				return;
+}
+
+/* Queue the stages of [first, first+n) and serve what needs no disk read into out, stage
+ * by stage before anything is submitted: a completing write-back (reaped while
+ * submitting) takes a block out of its write slot, and the plan chose to open it there. */
+static int queue_stages(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint32_t *live,
+			uint32_t *issued, uint8_t *out)
+{
+	uint32_t size = v->read_slots / N_PLANS;
+	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
+	int ret = 0;
+	*live = *issued = 0;
+	for (uint32_t s = 0; s < N_PLANS && *issued < n && !ret; s++) {
+		uint32_t c = n - *issued < size ? n - *issued : size;
+		v->plans[s].base = s * size;
+		ret = plan_queue(v, &v->plans[s], s, NULL, first + *issued, c, flags);
+		if (!ret)
+			ret = plan_serve(v, &v->plans[s], out + (uint64_t)*issued * BLK);
+		*issued += c;
+		(*live)++;
+	}
+	return ret ? ret : submit_queued(v);
+}
+
+/* Sequential readahead: after two adjacent large reads, each stage that the current call
+ * has decrypted is refilled at once with its part of the next range of the same size (its
+ * ciphertext only), so that range's transfers overlap this call's AES-GCM and the
+ * caller's turnaround, and the next call finds them landed. Allowed only while nothing is
+ * written back (no dirty or in-flight write slot, no partial block): then nothing can
+ * change what the plans chose until a call that drops the readahead first. */
+static int ra_allowed(const struct dvs_shield_volume *v, uint64_t first, uint32_t n)
+{
+	return !(v->flags & DVS_VOL_NO_READAHEAD) && first <= v->capacity &&
+	       n <= v->capacity - first && n <= v->read_slots && !v->n_wdirty &&
+	       !v->n_winflight && !v->part_dirty && !v->failed && v->eng;
+}
+
+/* Load the leaves of the read-ahead range (through staging slots from 0: called when stage
+ * 0 was just decrypted, and a range of at most read_slots blocks needs fewer nodes than a
+ * stage has slots). A failure is not this call's: the range is read again, and any error
+ * reported then, by the call that asks for it. */
+static int ra_leaves(struct dvs_shield_volume *v, uint64_t first, uint32_t n)
+{
+	struct dvs_shield_status saved = v->st;
+	if (!ensure_leaves(v, NULL, first, n))
+		return 1;
+	v->st.fail_code = saved.fail_code;
+	v->st.fail_kind = saved.fail_kind;
+	v->st.fail_level = saved.fail_level;
+	v->st.fail_index = saved.fail_index;
+	return 0;
+}
+
 static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t n, uint8_t *out)
 {
 	uint32_t size = v->read_slots / N_PLANS;
 	uint8_t flags = (v->flags & DVS_VOL_DIRECT) ? 0 : DVS_IO_ASYNC;
-	/* tree nodes load through the staging area too: load them all before the pipeline
-	 * starts, so no node read lands in a stage that holds data in flight */
-	int ret = ensure_leaves(v, NULL, first, n);
-	uint32_t issued = 0, live = 0, head = 0;
-	for (uint32_t s = 0; s < N_PLANS && issued < n && !ret; s++) {
-		uint32_t c = n - issued < size ? n - issued : size;
-		v->plans[s].base = s * size;
-		ret = plan_read(v, &v->plans[s], s, NULL, first + issued, c,
-				out + (uint64_t)issued * BLK, flags);
-		issued += c;
-		live++;
+	int ret = 0, ahead = v->seq_next == first && ra_allowed(v, first + n, n);
+	/* O_DIRECT: a stage's part of the next range is queued as soon as the stage is
+	 * decrypted: the device then serves them in order and stage 0 lands first (queued
+	 * together, the virtual disk here finishes all four at once, and nothing overlaps;
+	 * measured: 1.36x wall-clock, +2.3 io_uring_enter per MiB). Buffered: the kernel
+	 * worker copies from the page cache far faster than AES-GCM, so all stages are queued
+	 * together after the last one (no extra syscall; the turnaround overlaps). */
+	int per_stage = (v->flags & DVS_VOL_DIRECT) != 0;
+	uint32_t issued = 0, live = 0, head = 0, ra_live = 0, ra_issued = 0;
+	if (v->ra_n && v->ra_first == first && v->ra_n == n) {
+		/* the readahead queued these stages (or the first ones of them); nothing was
+		 * written since (ra_allowed), so what they serve without a disk read is still
+		 * what it was: zeros */
+		v->ra_n = 0;
+		live = v->ra_live;
+		issued = v->ra_issued;
+		for (uint32_t s = 0; s < live && !ret; s++)
+			ret = plan_serve(v, &v->plans[s], out + (uint64_t)s * size * BLK);
+	} else {
+		ra_drop(v);
+		/* tree nodes load through the staging area too: load them all before the
+		 * pipeline starts, so no node read lands in a stage that holds data in flight */
+		ret = ensure_leaves(v, NULL, first, n);
+		if (!ret)
+			ret = queue_stages(v, first, n, &live, &issued, out);
 	}
-	if (!ret)
-		ret = submit_queued(v);
 	while (!ret && live) {
 		struct read_plan *p = &v->plans[head];
 		ret = plan_wait(v, p);
@@ -1708,17 +1903,46 @@ static int read_pipelined(struct dvs_shield_volume *v, uint64_t first, uint32_t 
 			live++;
 			if (!ret)
 				ret = submit_queued(v);
+		} else if (!ret && ahead && ra_issued < n &&
+			   (per_stage ? head == ra_live : live == 0)) {
+			/* stage k of the next range goes to stage k, as queue_stages lays it out */
+			if (!ra_live)
+				ahead = ra_leaves(v, first + n, n);
+			while (ahead && ra_issued < n && !ret) {
+				/* queued only: the next stage's wait carries it in the same
+				 * io_uring_enter (the last one is submitted below) */
+				uint32_t c = n - ra_issued < size ? n - ra_issued : size;
+				ret = plan_queue(v, &v->plans[ra_live], ra_live, NULL,
+						 first + n + ra_issued, c, flags);
+				ra_issued += c;
+				ra_live++;
+				if (per_stage)
+					break;
+			}
 		}
 		head = (head + 1) % N_PLANS;
 	}
 	if (ret) {
 		/* let the other stages' transfers land before the staging area is reused */
+		v->n_ios = 0;
 		for (uint32_t s = 0; s < N_PLANS; s++)
-			while (v->plans[s].pending)
+			while (v->plans[s].pending && v->outstanding)
 				if (pump(v, 1) < 0)
 					return ret;
+		return ret;
 	}
-	return ret;
+	if (ra_live && (ret = submit_queued(v))) {
+		v->ra_n = n;
+		ra_drop(v);
+		return 0; /* this call's data is complete; the readahead is not its business */
+	}
+	if (ra_live) {
+		v->ra_first = first + n;
+		v->ra_n = n;
+		v->ra_live = ra_live;
+		v->ra_issued = ra_issued;
+	}
+	return 0;
 }
 
 static int part_seal(struct dvs_shield_volume *v);
@@ -1732,12 +1956,14 @@ static int read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n, 
 	if (n > v->read_slots / N_PLANS && v->read_slots >= 4 * N_PLANS) {
 		ret = read_pipelined(v, first, n, out);
 	} else {
+		ra_drop(v);
 		for (uint32_t done = 0; done < n && !ret;) {
 			uint32_t chunk = n - done < v->read_slots ? n - done : v->read_slots;
 			ret = read_chunk(v, NULL, first + done, chunk, out + (uint64_t)done * BLK);
 			done += chunk;
 		}
 	}
+	v->seq_next = ret ? UINT64_MAX : first + n;
 	if (ret) {
 		/* all or nothing: no partial plaintext from a failing call */
 		dvs_wipe(out, (uint64_t)n * BLK);
@@ -1755,6 +1981,7 @@ int dvs_shield_read_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t
 int dvs_shield_read_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
 			 uint8_t *out)
 {
+	ra_drop(v);
 	int ret = part_seal(v);
 	if (ret)
 		return ret;
@@ -1775,15 +2002,41 @@ int dvs_shield_read_list(struct dvs_shield_volume *v, const uint64_t *blocks, ui
 
 /* ---- writes ---- */
 
+static int seal_item(void *arg, struct dvs_gcm *g, uint32_t i)
+{
+	struct dvs_shield_volume *v = arg;
+	struct seal_item *it = &v->seals[i];
+	return seal_data_with(v, g, it->block, it->e, it->in, it->out);
+}
+
+/* Seal the blocks write_chunk assigned (on both cores). Their write slots are DIRTY but
+ * nothing submits them before this returns: write_chunk calls it before anything that
+ * may submit (alloc_wslot when no slot is free) or reuse a slot (a rewrite). */
+static int seal_pending(struct dvs_shield_volume *v)
+{
+	uint32_t n = v->n_seals;
+	v->n_seals = 0;
+	if (!n)
+		return 0;
+	v->st.blocks_sealed += n;
+	return dvs_pool_run(v->pool, &v->gcm, seal_item, v, n, NULL);
+}
+
 static int write_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
 		       uint32_t n, const uint8_t *in)
 {
 	int ret = ensure_leaves(v, list, first, n);
 	if (!ret)
 		ret = reserve(v, n);
+	int shared = n >= PAR_MIN && crypto_pool(v);
 	for (uint32_t j = 0; j < n && !ret; j++) {
 		uint64_t b = BLOCK_AT(list, first, j);
 		void *ws = u64map_get(&v->dirty_blocks, b);
+		if (v->n_seals && (ws || v->n_wdirty + v->n_winflight >= v->write_slots)) {
+			ret = seal_pending(v);
+			if (ret)
+				break;
+		}
 		if (ws && v->wstate[(uintptr_t)ws - 1] == W_INFLIGHT) {
 			/* two writes of one block must not race: let the first finish */
 			while (!ret && u64map_get(&v->dirty_blocks, b))
@@ -1802,10 +2055,17 @@ static int write_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64
 		ne.flags = choose_data_slot(leaf, (uint32_t)(b % FANOUT));
 		ne.counter = v->next_counter++;
 		ne.salt = v->salt;
-		ret = seal_block(v, KIND_DATA, 0, b, &ne, in + (uint64_t)j * BLK, wslot(v, (uint32_t)slot));
-		if (ret)
-			break;
-		*e = ne;
+		if (shared) {
+			*e = ne; /* the tag follows in seal_pending */
+			v->seals[v->n_seals++] = (struct seal_item){ in + (uint64_t)j * BLK,
+								     wslot(v, (uint32_t)slot), e, b };
+		} else {
+			ret = seal_block(v, KIND_DATA, 0, b, &ne, in + (uint64_t)j * BLK,
+					 wslot(v, (uint32_t)slot));
+			if (ret)
+				break;
+			*e = ne;
+		}
 		ret = mark_dirty(v, leaf);
 		if (!ws) {
 			v->wstate[slot] = W_DIRTY;
@@ -1816,7 +2076,8 @@ static int write_chunk(struct dvs_shield_volume *v, const uint64_t *list, uint64
 		}
 		v->wphys[slot] = data_phys(v, b, ne.flags & 1);
 	}
-	return ret;
+	int sealed = seal_pending(v);
+	return ret ? ret : sealed;
 }
 
 static int write_range(struct dvs_shield_volume *v, uint64_t first, uint64_t n, const uint8_t *in,
@@ -1844,6 +2105,7 @@ static int write_range(struct dvs_shield_volume *v, uint64_t first, uint64_t n, 
 int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, uint32_t n,
 			  const uint8_t *in, uint32_t flags)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return -EROFS;
 	if (v->failed)
@@ -1881,6 +2143,7 @@ int dvs_shield_write_list(struct dvs_shield_volume *v, const uint64_t *blocks, u
 int dvs_shield_write_blocks(struct dvs_shield_volume *v, uint64_t first, uint32_t n,
 			    const uint8_t *in, uint32_t flags)
 {
+	ra_drop(v);
 	int ret = part_seal(v);
 	if (!ret && v->part_valid && v->part_block >= first && v->part_block - first < n)
 		part_forget(v);
@@ -1942,6 +2205,7 @@ static int part_load(struct dvs_shield_volume *v, uint64_t b)
 
 int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len, uint64_t off)
 {
+	ra_drop(v);
 	if (off >= v->size || !len)
 		return 0;
 	if (len > v->size - off)
@@ -1982,6 +2246,7 @@ int64_t dvs_shield_pread(struct dvs_shield_volume *v, uint8_t *buf, uint64_t len
 int64_t dvs_shield_pwrite(struct dvs_shield_volume *v, const uint8_t *buf, uint64_t len,
 			  uint64_t off)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return -EROFS;
 	if (v->failed)
@@ -2025,6 +2290,7 @@ int64_t dvs_shield_pwrite(struct dvs_shield_volume *v, const uint8_t *buf, uint6
 
 int dvs_shield_truncate(struct dvs_shield_volume *v, uint64_t size)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return -EROFS;
 	if (v->failed)
@@ -2083,6 +2349,7 @@ int dvs_shield_truncate(struct dvs_shield_volume *v, uint64_t size)
 
 int dvs_shield_flush(struct dvs_shield_volume *v)
 {
+	ra_drop(v);
 	if (v->flags & DVS_VOL_READONLY)
 		return 0;
 	if (v->failed)
@@ -2184,6 +2451,7 @@ fail:
 
 int64_t dvs_shield_verify(struct dvs_shield_volume *v, uint64_t first, uint64_t n)
 {
+	ra_drop(v);
 	if (first > v->capacity)
 		return -EINVAL;
 	if (n > v->capacity - first)
@@ -2245,6 +2513,7 @@ static int walk_live(struct dvs_shield_volume *v, uint32_t l, uint64_t j, const 
 
 int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint64_t max)
 {
+	ra_drop(v);
 	if (v->tree_dirty || v->n_wdirty || v->n_winflight || v->part_dirty)
 		return -EBUSY;
 	uint64_t n = 0;
@@ -2256,6 +2525,7 @@ int64_t dvs_shield_live_blocks(struct dvs_shield_volume *v, uint64_t *out, uint6
 
 int dvs_shield_locate(struct dvs_shield_volume *v, uint64_t block, uint64_t *phys)
 {
+	ra_drop(v);
 	if (block >= v->capacity)
 		return -EINVAL;
 	int ret = part_seal(v);
@@ -2298,6 +2568,7 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 	if (discard == DVS_CLOSE_ENGINE_GONE)
 		v->eng = NULL;
 	int ret = 0;
+	ra_drop(v);
 	if (!discard && !(v->flags & DVS_VOL_READONLY) && v->ready)
 		ret = dvs_shield_flush(v);
 	if (v->eng && v->done) {
@@ -2335,6 +2606,8 @@ int dvs_shield_close(struct dvs_shield_volume *v, int32_t discard)
 		free(v->dirty[l].v);
 	/* the arena holds ciphertext only (plaintext goes straight between the caller's buffer
 	 * and the cipher), so it needs no wiping; the key schedule does */
+	dvs_pool_stop(v->pool);
+	free(v->seals);
 	dvs_gcm_free(&v->gcm);
 	free(v->ios);
 	free(v->done);
