@@ -84,8 +84,11 @@ class ProgressBar:
             self.stream.flush()
 
 
-def _key_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("key (never on the command line)")
+def add_key_args(
+    parser: argparse.ArgumentParser, title: str = "key (never on the command line)"
+) -> None:
+    """The options that say where a volume's key comes from (shared with serve-blk)."""
+    g = parser.add_argument_group(title)
     g.add_argument("--key-file", type=Path, help="a raw 32-byte key (binary or 64 hex chars)")
     g.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
     g.add_argument(
@@ -95,7 +98,7 @@ def _key_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read_key(args: argparse.Namespace, *, confirm: bool = False) -> dict[str, object]:
+def read_key(args: argparse.Namespace, *, confirm: bool = False) -> dict[str, object]:
     if args.key_file:
         raw = args.key_file.read_bytes()
         text = raw.strip()
@@ -130,7 +133,7 @@ def _engine(args: argparse.Namespace) -> EngineKind | None:
 def _format(args: argparse.Namespace) -> int:
     from dvs.shield.volume import Volume
 
-    key = _read_key(args, confirm=True)
+    key = read_key(args, confirm=True)
     vol = Volume.create(
         args.path,
         args.size,
@@ -178,7 +181,7 @@ def _format(args: argparse.Namespace) -> int:
 def _fsck(args: argparse.Namespace) -> int:
     from dvs.shield.volume import Volume
 
-    key = _read_key(args)
+    key = read_key(args)
     try:
         vol = Volume.open(
             args.path,
@@ -296,7 +299,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _sqlite(args: argparse.Namespace) -> int:
     from dvs.shield import sqlite as ssql
 
-    key = _read_key(args, confirm=not args.database.exists())
+    key = read_key(args, confirm=not args.database.exists())
     name = f"dvs-cli-{os.getpid()}"
     vfs = ssql.register(
         name,
@@ -330,14 +333,14 @@ def register(cli: Cli) -> None:
     p.add_argument("--anchor", type=Path, help="write the freshness anchor to this file")
     p.add_argument("--engine", choices=["auto", "io_uring", "threads"], default="auto")
     p.add_argument("--direct", action="store_true", help="O_DIRECT")
-    _key_args(p)
+    add_key_args(p)
 
     p = cli.command("fsck", "authenticate every block of a sealed volume", _fsck, group="shield")
     p.add_argument("path", type=Path)
     p.add_argument("--anchor", type=Path, help="refuse states older than this anchor file")
     p.add_argument("--strict", action="store_true", help="a damaged superblock copy is fatal")
     p.add_argument("--engine", choices=["auto", "io_uring", "threads"], default="auto")
-    _key_args(p)
+    add_key_args(p)
 
     p = cli.command(
         "bench",
@@ -356,4 +359,4 @@ def register(cli: Cli) -> None:
     p.add_argument("database", type=Path)
     p.add_argument("sql", nargs="+", help="statements, run in order (autocommit)")
     p.add_argument("--engine", choices=["auto", "io_uring", "threads"], default="auto")
-    _key_args(p)
+    add_key_args(p)

@@ -22,10 +22,10 @@ import importlib.util
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from dvs.cli import Cli
 from dvs.errors import DvsError
+from dvs.shield.cli import add_key_args
 
 
 class SealedVolumeUnavailable(DvsError):
@@ -49,9 +49,9 @@ def _serve_blk(args: argparse.Namespace) -> int:
                 "--sealed needs the shielded volume (dvs.shield.volume), which this build of "
                 "dvs does not have; serve a plain image without --sealed"
             )
-        from dvs.shield.cli import _read_key  # the one place dvs reads volume keys
+        from dvs.shield.cli import read_key  # the one place dvs reads volume keys
 
-        key = _read_key(args)
+        key = read_key(args)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -108,11 +108,4 @@ def register(cli: Cli) -> None:
         choices=["io_uring", "sync"],
         help="how disk I/O is done (default: io_uring where the kernel allows it)",
     )
-    keys = sub.add_argument_group("key of a --sealed volume (never on the command line)")
-    keys.add_argument("--key-file", type=Path, help="a raw 32-byte key (binary or 64 hex chars)")
-    keys.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
-    keys.add_argument(
-        "--passphrase-env",
-        default="DVS_SHIELD_PASSPHRASE",
-        help="environment variable holding the passphrase (default: %(default)s)",
-    )
+    add_key_args(sub, "key of a --sealed volume (never on the command line)")
