@@ -7,6 +7,8 @@ Configurations (each serves the same backing directory on the same ext4):
                when the kernel offers the ring; ``-o enable_uring`` so it does)
   dvs-dev      the same over /dev/fuse read/write (``-o uring=off``)
   dvs-nopt     CntrFS without passthrough (writeback cache), every read/write in the daemon
+  dvs-cache    dvs with passthrough_hp's cache policy (``-o timeout=86400``: entries and
+               attributes trusted for a day -- only right when nobody else changes the tree)
   pyfuse3      pyfuse3's examples/passthroughfs.py (Python, Trio), taken from pyfuse3's sdist
                (``pip download``) at run time -- the Python baseline (extra ``baseline``)
   libfuse-ll   libfuse 3.14's example/passthrough_ll.c built from libfuse3-dev (C, libfuse,
@@ -62,6 +64,7 @@ TAGS = {
     "pyfuse3": "p",
     "libfuse-ll": "l",
     "libfuse-hp": "h",
+    "dvs-cache": "c",
 }
 # Debian 12's fuse3 source (libfuse3-dev ships passthrough_ll.c but not passthrough_hp.cc)
 FUSE3_ORIG = "http://deb.debian.org/debian/pool/main/f/fuse3/fuse3_3.14.0.orig.tar.xz"
@@ -70,6 +73,7 @@ DVS_OPTIONS = {
     "dvs": "uring=auto,enable_uring",
     "dvs-dev": "uring=off",
     "dvs-nopt": "nopassthrough,uring=auto,enable_uring",
+    "dvs-cache": "uring=auto,enable_uring,timeout=86400",
 }
 
 
