@@ -248,7 +248,7 @@ class Container:
         """True while the init process exists and is not a zombie."""
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone, or going
             return False
         return stat.rsplit(")", 1)[1].split()[0] != "Z"
 

@@ -24,7 +24,7 @@ def task_field(pid: int, tid: int, field: str) -> str:
             for line in f:
                 if line.startswith(field + ":"):
                     return line.split(":", 1)[1].strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # the thread exited (before or mid-read)
         return ""
     return ""
 
@@ -46,7 +46,7 @@ def user_threads(pid: int) -> list[int]:
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
                 stat = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # the thread exited
             continue
         flags = int(stat[stat.rindex(")") + 2 :].split()[6])
         if not flags & 0x4000:
@@ -93,7 +93,7 @@ class ProcessSnapshot:
         for name in os.listdir(f"/proc/{pid}/fd"):
             try:
                 fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # gone, or going
                 continue
         with open(f"/proc/{pid}/maps") as f:
             maps = tuple(line.rstrip("\n") for line in f)

@@ -56,7 +56,7 @@ def kernel_text_address(guest: LinuxGuest) -> int:
 def qemu_is_gone(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going
         return True
     return b"qemu-system" not in cmdline  # the pid was reused by something else
 
