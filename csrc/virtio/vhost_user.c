@@ -646,6 +646,22 @@ static int set_queue_fd(struct dvs_vu *vu, struct conn *c, uint32_t request, con
 	return 0;
 }
 
+/* A SET_*FEATURES payload: the front-end may only ack bits we offered. */
+static int accept_bits(struct dvs_vu *vu, const uint8_t *p, uint32_t size, uint64_t offered,
+		       uint64_t *acked)
+{
+	uint64_t bits;
+	if (need_size(vu, size, 8))
+		return -EPROTO;
+	memcpy(&bits, p, 8);
+	if (bits & ~offered) {
+		vu->stats.protocol_error = DVS_VU_ERR_FEATURES;
+		return -EPROTO;
+	}
+	*acked = bits;
+	return 0;
+}
+
 static int handle(struct dvs_vu *vu, struct conn *c, const uint32_t hdr[3], const uint8_t *p,
 		  int *fds, int n_fds)
 {
@@ -666,34 +682,18 @@ static int handle(struct dvs_vu *vu, struct conn *c, const uint32_t hdr[3], cons
 	switch (request) {
 	case VU_GET_FEATURES:
 		return reply_u64(c->fd, request, vu->features);
-	case VU_SET_FEATURES: {
-		uint64_t f;
-		if (need_size(vu, size, 8))
+	case VU_SET_FEATURES:
+		if (accept_bits(vu, p, size, vu->features, &vu->acked_features))
 			return -EPROTO;
-		memcpy(&f, p, 8);
-		if (f & ~vu->features) {
-			vu->stats.protocol_error = DVS_VU_ERR_FEATURES;
-			return -EPROTO;
-		}
-		vu->acked_features = f;
-		vu->stats.features = f;
+		vu->stats.features = vu->acked_features;
 		break;
-	}
 	case VU_GET_PROTOCOL_FEATURES:
 		return reply_u64(c->fd, request, vu->protocol_features);
-	case VU_SET_PROTOCOL_FEATURES: {
-		uint64_t f;
-		if (need_size(vu, size, 8))
+	case VU_SET_PROTOCOL_FEATURES:
+		if (accept_bits(vu, p, size, vu->protocol_features, &vu->acked_protocol))
 			return -EPROTO;
-		memcpy(&f, p, 8);
-		if (f & ~vu->protocol_features) {
-			vu->stats.protocol_error = DVS_VU_ERR_FEATURES;
-			return -EPROTO;
-		}
-		vu->acked_protocol = f;
-		vu->stats.protocol_features = f;
+		vu->stats.protocol_features = vu->acked_protocol;
 		break;
-	}
 	case VU_GET_QUEUE_NUM:
 		return reply_u64(c->fd, request, vu->num_queues);
 	case VU_SET_OWNER:
