@@ -51,6 +51,11 @@ USER, GROUP, EXTRA_GROUP = 1000, 1000, 1001
 PATHS = ["a", "b", "c", "d", "d/a", "d/b", "d/e", "l", "d/e/f"]
 MODES = [0o644, 0o600, 0o755, 0o000, 0o4755, 0o2755, 0o2775, 0o1777, 0o640]
 XATTRS = ["user.a", "user.b", "trusted.t", "security.dvs"]
+# Symlink targets. Operations follow links, so a target outside the compared root is reached
+# for real: "../a" lands in each side's own private parent directory (both alike, see the
+# fixture), and the absolute target dangles -- an existing absolute target such as
+# /etc/passwd let root variants write, truncate and chown the host's file (it happened).
+SYMLINK_TARGETS = ["a", "d", "../a", "/nonexistent-dvs-conformance/a", "x"]
 OWNERS = [0, USER, 65534]
 FIXED_NS = [1_000_000_000 * 10**9, 1_234_567_890_123_456_789]
 SEED = [
@@ -94,7 +99,7 @@ op_strategy = st.one_of(
     st.builds(lambda a, b: ["link", a, b], path, path),
     st.builds(
         lambda t, b: ["symlink", t, b],
-        st.sampled_from(["a", "d", "../a", "/etc/passwd", "x"]),
+        st.sampled_from(SYMLINK_TARGETS),
         path,
     ),
     st.builds(lambda p: ["unlink", p], path),
@@ -209,8 +214,14 @@ def setup(
         options += ",uring=on,enable_uring"
     else:
         options += ",uring=off"
-    native = world_dir("dvs-native-")
+    # the native root sits one level down in a private directory, like the mount's source
+    # (cntrfs_mount's top/src), so "../a" resolves to a parent with the same owner and mode
+    native_top = world_dir("dvs-native-")
+    native = native_top / "src"
+    native.mkdir()
+    host_files = _host_files_fingerprint()
     with cntrfs_mount(options) as m:
+        assert m.source.parent.stat().st_mode == native_top.stat().st_mode
         transport = m.fs.negotiated.transport if m.fs.negotiated else None
         assert transport == ("uring" if variant.endswith("-ring") else "dev")
         for root in (native, m.source):
@@ -222,10 +233,21 @@ def setup(
             yield executor, native, m.mountpoint, variant
         finally:
             executor.close()
-            shutil.rmtree(native, ignore_errors=True)
+            shutil.rmtree(native_top, ignore_errors=True)
+            assert _host_files_fingerprint() == host_files, "the suite changed a host file"
         stats = m.fs.stats()
         # over the ring, the operations really arrived in ring entries; otherwise none did
         assert (stats.ring_requests > 0) == variant.endswith("-ring"), stats
+
+
+def _host_files_fingerprint() -> list[tuple[str, int, int, int, int, bytes]]:
+    """What the operations must never reach: host files an escaping link could name."""
+    out = []
+    for name in ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/hosts"):
+        st_ = os.stat(name)
+        content = Path(name).read_bytes()
+        out.append((name, st_.st_mode, st_.st_uid, st_.st_gid, st_.st_size, content))
+    return out
 
 
 def _differences(native: Any, mounted: Any) -> list[str]:
