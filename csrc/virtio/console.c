@@ -159,6 +159,29 @@ static int64_t tx_write(struct dvs_console *con, const struct dvs_guest_mem *mem
 	return con->tx_offset == ch->readable_bytes;
 }
 
+/* The next chain of a queue. When the queue looks empty, kicks are re-enabled and the queue
+ * checked again, so a buffer the driver adds meanwhile is not missed. Each pop spends one unit
+ * of the call's budget (a driver refilling as fast as we drain cannot keep us here).
+ * 1: a chain; 0: nothing to do now (result->more set when the budget ran out); -errno. */
+static int take_chain(struct dvs_vq *vq, const struct dvs_guest_mem *mem,
+		      struct dvs_vq_chain *chain, uint32_t *budget,
+		      struct dvs_console_result *result)
+{
+	for (;;) {
+		if (*budget == 0) {
+			result->more = 1;
+			return 0;
+		}
+		(*budget)--;
+		int r = dvs_vq_pop(vq, mem, chain);
+		if (r != 0)
+			return r;
+		r = dvs_vq_enable_kicks(vq, mem);
+		if (r <= 0)
+			return r;
+	}
+}
+
 int dvs_console_tx(struct dvs_console *con, struct dvs_vq *vq, const struct dvs_guest_mem *mem,
 		   struct dvs_console_result *result)
 {
@@ -166,21 +189,9 @@ int dvs_console_tx(struct dvs_console *con, struct dvs_vq *vq, const struct dvs_
 	uint32_t budget = 2u * (vq->size ? vq->size : 1);
 	for (;;) {
 		if (!con->tx_pending) {
-			if (!budget--) {
-				result->more = 1;
-				return finish(vq, mem, result, 0);
-			}
-			int r = dvs_vq_pop(vq, mem, &con->tx_chain);
-			if (r < 0)
+			int r = take_chain(vq, mem, &con->tx_chain, &budget, result);
+			if (r <= 0)
 				return finish(vq, mem, result, r);
-			if (r == 0) {
-				r = dvs_vq_enable_kicks(vq, mem);
-				if (r < 0)
-					return finish(vq, mem, result, r);
-				if (r == 0)
-					return finish(vq, mem, result, 0);
-				continue;
-			}
 			if (con->tx_chain.n_readable != con->tx_chain.n_segs) {
 				/* keep the device's ownership: the queue is dead anyway */
 				return finish(vq, mem, result,
@@ -246,21 +257,9 @@ int dvs_console_rx(struct dvs_console *con, struct dvs_vq *vq, const struct dvs_
 	uint32_t budget = 2u * (vq->size ? vq->size : 1);
 	for (;;) {
 		if (!con->rx_pending) {
-			if (!budget--) {
-				result->more = 1;
-				return finish(vq, mem, result, 0);
-			}
-			int r = dvs_vq_pop(vq, mem, &con->rx_chain);
-			if (r < 0)
+			int r = take_chain(vq, mem, &con->rx_chain, &budget, result);
+			if (r <= 0) /* no buffer (input stays where it is), budget spent, or broken */
 				return finish(vq, mem, result, r);
-			if (r == 0) {
-				r = dvs_vq_enable_kicks(vq, mem);
-				if (r < 0)
-					return finish(vq, mem, result, r);
-				if (r == 0)
-					return finish(vq, mem, result, 0); /* no buffer: leave input */
-				continue;
-			}
 			if (con->rx_chain.n_readable != 0)
 				return finish(vq, mem, result,
 					      dvs_vq_fail(vq, DVS_VQ_ERR_CONSOLE_RX_READABLE,
