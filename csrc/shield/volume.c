@@ -803,6 +803,29 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* Nodes j0..j1 of level l and every node above them, one batch per level from the root:
+ * at level lev the ancestors of a range are the range divided by FANOUT^(lev - l). */
+static int load_ranges_from_root(struct dvs_shield_volume *v, uint32_t l, uint64_t j0,
+				 uint64_t j1)
+{
+	for (int lev = (int)v->levels - 1; lev >= (int)l; lev--) {
+		uint64_t shift = 1;
+		for (int k = (int)l; k < lev; k++)
+			shift *= FANOUT;
+		uint64_t a = j0 / shift, m = j1 / shift - a + 1;
+		uint64_t *idx = malloc(m * sizeof(uint64_t));
+		if (!idx)
+			return -ENOMEM;
+		for (uint64_t i = 0; i < m; i++)
+			idx[i] = a + i;
+		int ret = load_level(v, (uint32_t)lev, idx, m);
+		free(idx);
+		if (ret)
+			return ret;
+	}
+	return 0;
+}
+
 /* Load the leaves of the given data blocks (a list, or first..first+n-1 when list is NULL)
  * and every node above them, level by level from the root: one batch per level. */
 static int ensure_leaves(struct dvs_shield_volume *v, const uint64_t *list, uint64_t first,
@@ -810,26 +833,8 @@ static int ensure_leaves(struct dvs_shield_volume *v, const uint64_t *list, uint
 {
 	if (!n)
 		return 0;
-	if (!list) {
-		/* a range: the nodes of each level form a range too */
-		uint64_t j0 = first / FANOUT, j1 = (first + n - 1) / FANOUT;
-		for (int l = (int)v->levels - 1; l >= 0; l--) {
-			uint64_t shift = 1;
-			for (int k = 0; k < l; k++)
-				shift *= FANOUT;
-			uint64_t a = j0 / shift, b = j1 / shift, m = b - a + 1;
-			uint64_t *idx = malloc(m * sizeof(uint64_t));
-			if (!idx)
-				return -ENOMEM;
-			for (uint64_t i = 0; i < m; i++)
-				idx[i] = a + i;
-			int ret = load_level(v, (uint32_t)l, idx, m);
-			free(idx);
-			if (ret)
-				return ret;
-		}
-		return 0;
-	}
+	if (!list) /* a range: the nodes of each level form a range too */
+		return load_ranges_from_root(v, 0, first / FANOUT, (first + n - 1) / FANOUT);
 	uint64_t *idx = malloc(n * sizeof(uint64_t));
 	if (!idx)
 		return -ENOMEM;
@@ -866,24 +871,8 @@ static int ensure_nodes(struct dvs_shield_volume *v, uint32_t l, uint64_t j0, ui
 	if (first > last)
 		return 0;
 	if (l == 0)
-		return ensure_leaves(v, NULL, first, last - first + 1);
-	/* inner levels only: load from the root down to l */
-	for (int lev = (int)v->levels - 1; lev >= (int)l; lev--) {
-		uint64_t shift = 1;
-		for (int k = (int)l; k < lev; k++)
-			shift *= FANOUT;
-		uint64_t a = j0 / shift, b = j1 / shift, m = b - a + 1;
-		uint64_t *idx = malloc(m * sizeof(uint64_t));
-		if (!idx)
-			return -ENOMEM;
-		for (uint64_t i = 0; i < m; i++)
-			idx[i] = a + i;
-		int ret = load_level(v, (uint32_t)lev, idx, m);
-		free(idx);
-		if (ret)
-			return ret;
-	}
-	return 0;
+		return load_ranges_from_root(v, 0, first / FANOUT, last / FANOUT);
+	return load_ranges_from_root(v, l, j0, j1);
 }
 
 static struct entry *data_entry(struct dvs_shield_volume *v, uint64_t block, struct node **leaf)
