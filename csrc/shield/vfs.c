@@ -144,19 +144,26 @@ static void release_shared(struct dvs_vfs *vfs, struct shared *sh, int discard)
 	free(sh);
 }
 
+/* Count an integrity failure of sh's file and keep what the volume said about it. */
+static void record_failure(struct dvs_vfs *vfs, const struct shared *sh,
+			   const struct dvs_shield_status *st)
+{
+	pthread_mutex_lock(&vfs->lock);
+	vfs->info.integrity_failures++;
+	vfs->info.fail_kind = st->fail_kind;
+	vfs->info.fail_level = st->fail_level;
+	vfs->info.fail_index = st->fail_index;
+	snprintf(vfs->info.fail_path, sizeof(vfs->info.fail_path), "%s", sh->path);
+	pthread_mutex_unlock(&vfs->lock);
+}
+
 static void note_failure(struct dvs_vfs *vfs, struct shared *sh)
 {
 	struct dvs_shield_status st;
 	if (!sh->vol)
 		return;
 	dvs_shield_status(sh->vol, &st);
-	pthread_mutex_lock(&vfs->lock);
-	vfs->info.integrity_failures++;
-	vfs->info.fail_kind = st.fail_kind;
-	vfs->info.fail_level = st.fail_level;
-	vfs->info.fail_index = st.fail_index;
-	snprintf(vfs->info.fail_path, sizeof(vfs->info.fail_path), "%s", sh->path);
-	pthread_mutex_unlock(&vfs->lock);
+	record_failure(vfs, sh, &st);
 }
 
 /* Engine + arena + volume on fd (formatting an empty file). */
@@ -540,15 +547,8 @@ static int x_open(sqlite3_vfs *pvfs, const char *name, sqlite3_file *pf, int fla
 	int ret = attach_volume(vfs, sh, stbuf.st_size == 0 && !readonly, readonly, ephemeral,
 				journal, &st);
 	if (ret) {
-		if (ret == -EBADMSG) {
-			pthread_mutex_lock(&vfs->lock);
-			vfs->info.integrity_failures++;
-			vfs->info.fail_kind = st.fail_kind;
-			vfs->info.fail_level = st.fail_level;
-			vfs->info.fail_index = st.fail_index;
-			snprintf(vfs->info.fail_path, sizeof(vfs->info.fail_path), "%s", sh->path);
-			pthread_mutex_unlock(&vfs->lock);
-		}
+		if (ret == -EBADMSG)
+			record_failure(vfs, sh, &st);
 		release_shared(vfs, sh, 1);
 		return sqlite_code_for(ret, SQLITE_CANTOPEN);
 	}
