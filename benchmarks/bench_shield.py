@@ -128,22 +128,29 @@ def perf_syscalls(cmd: list[str]) -> int | None:
     return None
 
 
+def c_loop_command(
+    loop: Path, engine: str, mode: str, path: Path, bs: int, qd: int, ops: int, direct: bool
+) -> list[str]:
+    """The C baseline's command line (the arguments of benchmarks/uring_loop.c)."""
+    return [
+        str(loop),
+        engine,
+        mode,
+        str(path),
+        str(FILE_BYTES),
+        str(bs),
+        str(qd),
+        str(ops),
+        str(int(direct)),
+        str(int("write" in mode)),
+    ]
+
+
 def c_loop(
     loop: Path, engine: str, mode: str, path: Path, bs: int, qd: int, ops: int, direct: bool
 ) -> tuple[float, float]:
     res = subprocess.run(
-        [
-            str(loop),
-            engine,
-            mode,
-            str(path),
-            str(FILE_BYTES),
-            str(bs),
-            str(qd),
-            str(ops),
-            str(int(direct)),
-            str(int("write" in mode)),
-        ],
+        c_loop_command(loop, engine, mode, path, bs, qd, ops, direct),
         capture_output=True,
         text=True,
         timeout=600,
@@ -156,21 +163,8 @@ def c_loop(
 def c_loop_syscalls(
     loop: Path, engine: str, mode: str, path: Path, bs: int, qd: int, ops: int, direct: bool
 ) -> float:
-    def cmd(n: int) -> list[str]:
-        return [
-            str(loop),
-            engine,
-            mode,
-            str(path),
-            str(FILE_BYTES),
-            str(bs),
-            str(qd),
-            str(n),
-            str(int(direct)),
-            str(int("write" in mode)),
-        ]
-
-    big, small = perf_syscalls(cmd(ops)), perf_syscalls(cmd(ops // 2))
+    big = perf_syscalls(c_loop_command(loop, engine, mode, path, bs, qd, ops, direct))
+    small = perf_syscalls(c_loop_command(loop, engine, mode, path, bs, qd, ops // 2, direct))
     if big is None or small is None:
         return float("nan")
     return (big - small) / (ops - ops // 2)
